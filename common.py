@@ -1,0 +1,541 @@
+"""Data and network shared by every script, and nothing else (CleanRL style: EMA, schedules,
+evaluation, logging and checkpoints live in each script so that each one reads on its own).
+
+- Datasets through torchvision, kept whole as uint8 tensors on the training device.
+- The class-balanced labeled split, drawn from the seed.
+- Batched weak / strong augmentation on the device (uint8 in, uint8 out, per-image randomness).
+- The WideResNet of FixMatch / TorchSSL / USB, with access to the penultimate features.
+"""
+
+import gzip
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from urllib.error import URLError
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    channels: int
+    size: int  # images are size x size
+    mean: tuple  # per-channel normalisation, applied on the device after augmentation
+    std: tuple
+    flip: bool  # horizontal flip in the weak view (never for digits)
+    files: str  # what to put where when torchvision cannot download (relative to --data-dir)
+
+
+# Normalisation constants as in TorchSSL / USB.
+DATASETS = {
+    "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), True,
+                           "cifar-10-batches-py/ (extract cifar-10-python.tar.gz there)"),
+    "cifar100": DatasetInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
+                            "cifar-100-python/ (extract cifar-100-python.tar.gz there)"),
+    "svhn": DatasetInfo(10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False,
+                        "train_32x32.mat and test_32x32.mat"),
+    "stl10": DatasetInfo(10, 3, 96, (0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687), True,
+                         "stl10_binary/ (extract stl10_binary.tar.gz there)"),
+    "mnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,), False,
+                         "MNIST/raw/ (the four *-ubyte files, gunzipped)"),
+    "fashion_mnist": DatasetInfo(10, 1, 28, (0.2860,), (0.3530,), True,
+                                 "FashionMNIST/raw/ (the four *-ubyte files, gunzipped), or install "
+                                 "Debian's dataset-fashion-mnist package"),
+}
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+
+
+def _torchvision_splits(name, root, download):
+    """(train_x, train_y, test_x, test_y, extra_x) as numpy/tensor data straight from torchvision."""
+    D = torchvision.datasets
+    if name in ("cifar10", "cifar100"):
+        cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
+        tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
+        hwc = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2)  # stored (N, H, W, C)
+        return hwc(tr), torch.tensor(tr.targets), hwc(te), torch.tensor(te.targets), None
+    if name == "svhn":
+        tr, te = D.SVHN(root, "train", download=download), D.SVHN(root, "test", download=download)
+        return (torch.from_numpy(tr.data), torch.from_numpy(tr.labels), torch.from_numpy(te.data),
+                torch.from_numpy(te.labels), None)
+    if name == "stl10":
+        tr, te, un = (D.STL10(root, s, download=download) for s in ("train", "test", "unlabeled"))
+        return (torch.from_numpy(tr.data), torch.from_numpy(tr.labels).long(),
+                torch.from_numpy(te.data), torch.from_numpy(te.labels).long(), torch.from_numpy(un.data))
+    cls = D.MNIST if name == "mnist" else D.FashionMNIST
+    tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
+    return tr.data[:, None], tr.targets, te.data[:, None], te.targets, None
+
+
+def _unpack_debian_fashion_mnist(root):
+    """Gunzip Debian's Fashion-MNIST files into the folder torchvision's loader reads. (Debian
+    re-compressed them, so torchvision's md5 of the .gz archives would not match.)"""
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for fname, _ in torchvision.datasets.FashionMNIST.resources:
+        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, fname)) as src, \
+                open(os.path.join(raw, fname[:-3]), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+def load_dataset(name, data_dir="./data"):
+    """Load a dataset whole: uint8 images (N, C, H, W) and int64 labels as CPU tensors.
+
+    Returns (train_x, train_y, test_x, test_y, extra_x); extra_x holds images without labels that
+    feed only the unlabeled stream (STL-10's 100k unlabeled split), or None. Files missing from
+    data_dir are downloaded by torchvision; Fashion-MNIST is taken from Debian's package when that
+    is installed. Raises FileNotFoundError with one line saying what to put where.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if name == "svhn":
+        try:
+            import scipy.io  # noqa: F401  (torchvision reads SVHN's .mat files with it)
+        except ImportError:
+            raise ValueError("svhn needs scipy to read its .mat files: pip install scipy") from None
+    try:  # already on disk: no integrity check against the network, no "verified" chatter
+        return _torchvision_splits(name, data_dir, download=False)
+    except RuntimeError:
+        pass
+    try:
+        if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST):
+            _unpack_debian_fashion_mnist(data_dir)
+            return _torchvision_splits(name, data_dir, download=False)
+        return _torchvision_splits(name, data_dir, download=True)
+    except (RuntimeError, URLError, OSError) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__  # one line
+        raise FileNotFoundError(
+            f"{name} is not in {data_dir} and could not be loaded or downloaded ({reason}): put "
+            f"under {data_dir}: {DATASETS[name].files}; or run once with network access") from None
+
+
+def labeled_split(targets, num_labels, num_classes, seed):
+    """Class-balanced labeled indices into the training set, num_labels // num_classes per class,
+    drawn from `seed` alone (the same seed gives the same split on every machine). None: all."""
+    if num_labels is None:
+        return torch.arange(len(targets))
+    if num_labels < num_classes or num_labels % num_classes:
+        raise ValueError(f"--num-labels {num_labels} must be a positive multiple of the class "
+                         f"count ({num_classes}) so that every class gets the same number")
+    per_class = num_labels // num_classes
+    counts = torch.bincount(targets, minlength=num_classes)
+    if per_class > counts.min():
+        raise ValueError(f"--num-labels {num_labels} asks for {per_class} per class, but the "
+                         f"training set has only {int(counts.min())} of its rarest class")
+    g = torch.Generator().manual_seed(seed)
+    idx = [torch.nonzero(targets == c).flatten() for c in range(num_classes)]
+    idx = [i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]
+    return torch.cat(idx).sort().values
+
+
+@dataclass
+class SSLData:
+    """One dataset on one device. The unlabeled stream is the whole training set (labeled images
+    included, as in every reference) plus extra unlabeled images where the dataset has them; its
+    labels are -1 where none exist and are only ever used for logging (pseudo-label accuracy)."""
+
+    info: DatasetInfo
+    labeled_idx: torch.Tensor  # (L,) indices into the training set, CPU, saved with each run
+    x_labeled: torch.Tensor  # (L, C, H, W) uint8
+    y_labeled: torch.Tensor  # (L,) int64
+    x_unlabeled: torch.Tensor  # (U, C, H, W) uint8
+    y_unlabeled: torch.Tensor  # (U,) int64, -1 = unknown
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_ssl_data(name, data_dir, num_labels, seed, device):
+    """Everything a script trains and evaluates on, moved to `device` once."""
+    train_x, train_y, test_x, test_y, extra_x = load_dataset(name, data_dir)
+    info = DATASETS[name]
+    labeled_idx = labeled_split(train_y, num_labels, info.num_classes, seed)
+    x_u, y_u = train_x, train_y
+    if extra_x is not None:
+        x_u = torch.cat([train_x, extra_x])
+        y_u = torch.cat([train_y, torch.full((len(extra_x),), -1, dtype=train_y.dtype)])
+    dev = lambda t: t.contiguous().to(device)
+    return SSLData(info, labeled_idx, dev(train_x[labeled_idx]), dev(train_y[labeled_idx]),
+                   dev(x_u), dev(y_u), dev(test_x), dev(test_y))
+
+
+def sample_batch(batch_size, *tensors):
+    """A batch drawn uniformly WITH replacement, on the tensors' device, from torch's global RNG:
+    no epochs, no host sync, and resuming only needs the RNG state. Returns (idx, *tensors[idx])."""
+    idx = torch.randint(len(tensors[0]), (batch_size,), device=tensors[0].device)
+    return (idx, *(t[idx] for t in tensors))
+
+
+def normalize(x, info):
+    """uint8 (N, C, H, W) -> float32, standardised per channel with the dataset's constants."""
+    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation on the device
+# ---------------------------------------------------------------------------------------------
+
+# Batched augmentation of uint8 (N, C, H, W) tensors on any device. Random numbers come from
+# torch's global generator of x.device (torch.manual_seed reproduces a batch). No Python loop over
+# images and no host syncs (past the first call on a device, which caches a few constants there):
+# per-image choices are tensors used in gathers, torch.where and broadcasting. Each single-op
+# function `_op(x, magnitude)` reproduces its PIL counterpart per image (ImageOps, ImageEnhance,
+# Image.transform), truncation back to uint8 included.
+
+# FixMatch's RandAugment ops and magnitude ranges as in TorchSSL (datasets/augmentation/
+# randaugment.py, augment_list): a drawn op gets magnitude low + (high - low) * U(0, 1).
+# Posterize keeps int(magnitude) bits, i.e. 4..7 as in TorchSSL.
+_RA_OPS = {
+    "autocontrast": (0, 1), "brightness": (0.05, 0.95), "color": (0.05, 0.95),
+    "contrast": (0.05, 0.95), "equalize": (0, 1), "identity": (0, 1), "posterize": (4, 8),
+    "rotate": (-30, 30), "sharpness": (0.05, 0.95), "shear_x": (-0.3, 0.3),
+    "shear_y": (-0.3, 0.3), "solarize": (0, 256), "translate_x": (-0.3, 0.3),
+    "translate_y": (-0.3, 0.3),
+}
+_OP = {name: code for code, name in enumerate(_RA_OPS)}
+# Grey where a warp samples outside the image, as the TF AutoAugment code of FixMatch (pil_unwrap
+# zeroes those pixels of the [-1, 1] image); TorchSSL and kekmodel keep PIL's default black.
+_GEOMETRIC_FILL = 128
+_CUTOUT_FILL = 127  # kekmodel's Cutout colour (TorchSSL's is (125, 123, 114))
+_CONSTANTS = {}
+
+
+def _constant(values, device, dtype=torch.float32):
+    """Small constant tensor (nested tuples of numbers) on `device`, cached: copying host data to a
+    GPU waits for the queued work, so it happens once per device and not on every call."""
+    key = (values, str(device), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
+def weak_augment(x, flip=True, pad=None):
+    """Per image: reflect-pad by `pad` (default round(H / 8)), crop back to H x W at uniform
+    offsets in [0, 2 pad], then flip horizontally with p = 0.5 if `flip`. Exact (pure indexing).
+    x: uint8 (N, C, H, W); returns the same shape, dtype and device."""
+    n, c, h, w = x.shape
+    dev = x.device
+    pad = int(0.125 * h + 0.5) if pad is None else pad
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    rows = torch.randint(0, 2 * pad + 1, (n, 1), device=dev) + torch.arange(h, device=dev)
+    cols = torch.randint(0, 2 * pad + 1, (n, 1), device=dev) + torch.arange(w, device=dev)
+    if flip:
+        cols = torch.where(torch.rand(n, 1, device=dev) < 0.5, cols.flip(1), cols)
+    batch = torch.arange(n, device=dev).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=dev).view(1, c, 1, 1)
+    return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def strong_augment(x, flip=True, pad=None, num_ops=3, cutout=0.5):
+    """weak_augment, then FixMatch's RandAugment (TorchSSL's ops and ranges; per image `num_ops`
+    ops drawn uniformly with replacement, each with its own uniform magnitude), then Cutout (per
+    image a square of side U(0, cutout) * H, centred at a uniform point, clipped at the borders,
+    filled with grey 127).
+
+    Unlike TorchSSL, which applies an image's ops in drawn order, its geometric ops (rotate,
+    shear, translate) are composed into one affine matrix and applied first, as one warp, then
+    its colour ops follow in drawn order. The warp is bilinear (smoother than PIL's default
+    nearest) and fills grey 128 where the sample point falls outside the image; as in PIL, values
+    are truncated to uint8. x: uint8 (N, C, H, W), C = 1 or 3; returns the same shape, dtype and
+    device."""
+    x = weak_augment(x, flip, pad)
+    ops = torch.randint(len(_RA_OPS), (num_ops, x.shape[0]), device=x.device)
+    low, high = _constant(tuple(_RA_OPS.values()), x.device)[ops].unbind(-1)
+    magnitudes = low + (high - low) * torch.rand(num_ops, x.shape[0], device=x.device)
+    return _cutout(_rand_augment(x, ops, magnitudes), cutout)
+
+
+def _rand_augment(x, ops, magnitudes):
+    """Apply per image the op codes ops[k] with magnitudes[k], both (num_ops, N): the composed
+    geometric ops as one warp, then the colour ops slot by slot."""
+    n, _, h, w = x.shape
+    matrix = torch.eye(3, device=x.device).expand(n, 3, 3)
+    for op, magnitude in zip(ops, magnitudes):  # output->input maps: compose rightwards
+        matrix = _compose(matrix, _op_matrix(op, magnitude, h, w))
+    x = _affine(x, matrix, _GEOMETRIC_FILL)
+    for op, magnitude in zip(ops, magnitudes):
+        x = _colour_op(x, op, magnitude)
+    return x
+
+
+def _op_matrix(op, magnitude, h, w):
+    """(N, 3, 3) matrices of one RandAugment slot: each image's geometric op, else identity."""
+    def pick(name):
+        return torch.where(op == _OP[name], magnitude, 0.0)
+
+    rotate = _rotate_matrix(pick("rotate"), h, w)
+    shear = _shear_matrix(pick("shear_x"), pick("shear_y"))
+    return _compose(_compose(rotate, shear),
+                    _translate_matrix(pick("translate_x") * w, pick("translate_y") * h))
+
+
+def _colour_op(x, op, magnitude):
+    """One RandAugment slot's colour op per image (op codes and magnitudes (N,)); images whose op
+    is geometric or identity pass through unchanged."""
+    # The four ImageEnhance ops are one blend with different degenerate images; blending with
+    # degenerate = x (all other ops) returns x exactly.
+    degenerate = _pick(op, x, {"brightness": torch.zeros_like(x), "color": _grey(x),
+                               "contrast": _grey_mean(x), "sharpness": _smooth(x)})
+    return _pick(op, _blend(x, degenerate, magnitude), {
+        "autocontrast": _autocontrast(x), "equalize": _equalize(x),
+        "posterize": _posterize(x, magnitude), "solarize": _solarize(x, magnitude)})
+
+
+def _pick(op, default, candidates):
+    """Per image, candidates[name of its op] (broadcast to default's shape), or `default` if that
+    name is not a key. One stack and one gather, cheaper than a chain of torch.where."""
+    names = list(candidates)
+    table = tuple(names.index(name) + 1 if name in names else 0 for name in _RA_OPS)
+    stacked = torch.stack([default, *(v.expand_as(default) for v in candidates.values())])
+    index = _constant(table, op.device, torch.long)[op]
+    return stacked[index, torch.arange(len(op), device=op.device)]
+
+
+# --- colour ops: x uint8 (N, C, H, W), magnitudes (N,) -------------------------------------------
+
+def _blend(x, degenerate, factor):
+    """PIL Image.blend(degenerate, x, factor): degenerate + factor * (x - degenerate) in float32,
+    clamped and truncated to uint8. `degenerate` broadcasts against x."""
+    d = degenerate.float()
+    out = d + factor.view(-1, 1, 1, 1) * (x.float() - d)
+    return out.clamp_(0, 255).to(torch.uint8)  # truncation, as PIL
+
+
+def _grey(x):
+    """PIL convert("L"): (19595 R + 38470 G + 7471 B + 2**15) >> 16 as (N, 1, H, W) uint8;
+    1-channel images are returned as they are."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.int().unbind(1)
+    return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16).unsqueeze(1).to(torch.uint8)
+
+
+def _grey_mean(x):
+    """ImageEnhance.Contrast's degenerate grey level int(mean(L) + 0.5), as (N, 1, 1, 1) uint8
+    (integer arithmetic, so exact)."""
+    pixels = x.shape[2] * x.shape[3]
+    total = _grey(x).sum((1, 2, 3), dtype=torch.int64, keepdim=True)
+    return torch.div(2 * total + pixels, 2 * pixels, rounding_mode="floor").to(torch.uint8)
+
+
+def _smooth(x):
+    """PIL ImageFilter.SMOOTH, ImageEnhance.Sharpness's degenerate: kernel [[1, 1, 1], [1, 5, 1],
+    [1, 1, 1]] / 13 rounded on interior pixels, border pixels kept (as TF.adjust_sharpness). Sums
+    of slices, not a convolution: faster on CPU, and exact where cuDNN would use TF32."""
+    xf = x.float()
+    box = xf[:, :, :-2] + xf[:, :, 1:-1] + xf[:, :, 2:]  # separable 3x3 box sum
+    box = box[..., :-2] + box[..., 1:-1] + box[..., 2:]
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = ((box + 4 * xf[:, :, 1:-1, 1:-1]) / 13).round()  # no ties: 13 is odd
+    return out
+
+
+def _brightness(x, factor):
+    """ImageEnhance.Brightness(img).enhance(factor) per image."""
+    return _blend(x, torch.zeros_like(x), factor)
+
+
+def _color(x, factor):
+    """ImageEnhance.Color(img).enhance(factor) per image; the identity on 1-channel images."""
+    return _blend(x, _grey(x), factor)
+
+
+def _contrast(x, factor):
+    """ImageEnhance.Contrast(img).enhance(factor) per image."""
+    return _blend(x, _grey_mean(x), factor)
+
+
+def _sharpness(x, factor):
+    """ImageEnhance.Sharpness(img).enhance(factor) per image."""
+    return _blend(x, _smooth(x), factor)
+
+
+def _posterize(x, bits):
+    """ImageOps.posterize(img, int(bits)) per image: keep the int(bits) high bits (0 to 8)."""
+    shift = (8 - bits.long()).clamp(0, 8)
+    mask = ((255 << shift) & 255).to(torch.uint8)
+    return x & mask.view(-1, 1, 1, 1)
+
+
+def _solarize(x, threshold):
+    """ImageOps.solarize(img, threshold) per image: invert the values >= threshold."""
+    return torch.where(x < threshold.view(-1, 1, 1, 1), x, 255 - x)
+
+
+def _autocontrast(x):
+    """ImageOps.autocontrast(img) per image and channel: floor(255 (v - lo) / (hi - lo)), constant
+    channels kept. Exact: float32 division of these integers never crosses an integer, whereas
+    PIL's double LUT can land one level low where the result is a whole number."""
+    lo = x.amin((2, 3), keepdim=True).float()
+    hi = x.amax((2, 3), keepdim=True).float()
+    xf = x.float()
+    stretched = ((xf - lo) * 255 / (hi - lo).clamp(min=1)).floor()
+    return torch.where(hi > lo, stretched, xf).to(torch.uint8)
+
+
+def _equalize(x):
+    """ImageOps.equalize(img) per image and channel (torchvision's batched port of PIL's LUT)."""
+    return TF.equalize(x)
+
+
+# --- geometric ops --------------------------------------------------------------------------------
+# A matrix maps output pixel coordinates to input ones, like the data (a, b, c, d, e, f) of PIL's
+# img.transform(size, Image.AFFINE, data): (x, y) -> (a x + b y + c, d x + e y + f), with pixel
+# centres at +0.5. Matrices are (N, 3, 3) with last row (0, 0, 1), so they compose by products.
+# No matmul here: with TF32 allowed (torch.set_float32_matmul_precision("high")) a GPU rounds its
+# inputs to 10 mantissa bits, which would move sample points by up to ~0.05 pixel.
+
+def _compose(a, b):
+    """a @ b for (N, 3, 3) matrices, in full float32 precision (broadcast product and sum)."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
+def _matrix(a, b, c, d, e, f):
+    """(N, 3, 3) matrices from PIL affine data; each entry a tensor (N,) or a number."""
+    like = next(v for v in (a, b, c, d, e, f) if torch.is_tensor(v))
+    entries = [v if torch.is_tensor(v) else torch.full_like(like, v)
+               for v in (a, b, c, d, e, f, 0, 0, 1)]
+    return torch.stack(entries, -1).view(-1, 3, 3)
+
+
+def _rotate_matrix(degrees, h, w):
+    """img.rotate(degrees): counter-clockwise about the image centre."""
+    radians = degrees * (math.pi / 180)
+    cos, sin = radians.cos(), radians.sin()
+    cx, cy = w / 2, h / 2
+    return _matrix(cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
+
+
+def _shear_matrix(shear_x, shear_y):
+    """PIL data (1, shear_x, 0, shear_y, 1, 0): TorchSSL's ShearX (shear_y = 0) or ShearY."""
+    return _matrix(1, shear_x, 0, shear_y, 1, 0)
+
+
+def _translate_matrix(tx, ty):
+    """PIL data (1, 0, tx, 0, 1, ty): output pixel (x, y) shows input (x + tx, y + ty); pixels."""
+    return _matrix(1, 0, tx, 0, 1, ty)
+
+
+def _affine(x, matrix, fill):
+    """Warp each image by its (N, 3, 3) matrix like PIL's transform(size, AFFINE, data,
+    resample=BILINEAR, fillcolor=fill): bilinear between edge-clamped neighbours where the sample
+    point lies inside the image, `fill` where it does not, truncated to uint8. One grid_sample for
+    the whole batch."""
+    h, w = x.shape[2:]
+    m = matrix[:, :2, :, None, None]  # entries as (N, 1, 1), to broadcast over output pixels
+    xs = torch.arange(w, device=x.device) + 0.5  # output pixel centres
+    ys = torch.arange(h, device=x.device).view(h, 1) + 0.5
+    src_x = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]  # (N, H, W) sample points
+    src_y = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
+    inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)  # PIL's test
+    # grid_sample's units with align_corners=False: -1 and 1 are the outer edges of the image.
+    grid = torch.stack([src_x * (2 / w) - 1, src_y * (2 / h) - 1], -1)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    # Truncate like PIL, after a 0.01 margin that absorbs the float32 error of the grid, so that
+    # samples at exact pixel centres (identity, whole-pixel shifts) stay exact.
+    out = out.add_(0.01).clamp_(0, 255)
+    return torch.where(inside.unsqueeze(1), out, float(fill)).to(torch.uint8)
+
+
+def _cutout(x, size):
+    """Per image, fill with grey 127 the pixels whose centres fall in a square of side
+    U(0, size) * H (half-open bounds: at most ceil(size * H) pixels a side) centred at a uniform
+    point of the image."""
+    n, _, h, w = x.shape
+    half = torch.rand(n, 1, 1, device=x.device) * (size * h / 2)
+    cy = torch.rand(n, 1, 1, device=x.device) * h
+    cx = torch.rand(n, 1, 1, device=x.device) * w
+    ys = torch.arange(h, device=x.device).view(1, h, 1) + 0.5
+    xs = torch.arange(w, device=x.device).view(1, 1, w) + 0.5
+    box = (ys >= cy - half) & (ys < cy + half) & (xs >= cx - half) & (xs < cx + half)
+    return torch.where(box.unsqueeze(1), _CUTOUT_FILL, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# WideResNet
+# ---------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """Pre-activation basic block: BN-LeakyReLU-conv3x3-BN-LeakyReLU-(dropout)-conv3x3 + shortcut.
+
+    As in FixMatch's TF original: the residual branch always sees the activated input, the shortcut
+    sees the raw input, except with `activate_before_residual` (the first block of the network),
+    where both take the activated one. The PyTorch ports (kekmodel, TorchSSL, USB) feed the RAW
+    input to conv1 in the first block of groups 2 and 3, which leaves that block's bn1 unused; the
+    parameter count is the same either way."""
+
+    def __init__(self, c_in, c_out, stride, drop_rate, activate_before_residual, bn_momentum):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in, eps=0.001, momentum=bn_momentum)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out, eps=0.001, momentum=bn_momentum)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None if c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+        self.drop_rate, self.activate_before_residual = drop_rate, activate_before_residual
+
+    def forward(self, x):
+        out = F.leaky_relu(self.bn1(x), 0.1)
+        if self.activate_before_residual:
+            x = out
+        out = F.leaky_relu(self.bn2(self.conv1(out)), 0.1)
+        out = self.conv2(F.dropout(out, self.drop_rate, self.training))
+        return out + (x if self.shortcut is None else self.shortcut(x))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width (Zagoruyko & Komodakis 2016) as used by FixMatch, TorchSSL and USB: LeakyReLU
+    0.1, BatchNorm momentum 0.001 (PyTorch convention: 1 - TF's 0.999) and eps 0.001 (TF, USB),
+    kaiming-normal conv init (fan_out), xavier-normal fc init, a bias on the stem conv only
+    (TorchSSL; USB now puts one on every conv). WRN-28-2, 10 classes: 1,467,626 parameters.
+
+    `model(x)` gives logits; `model.features(x)` the pooled penultimate features (N, model.num_features)
+    and `model.fc` the classifier, for methods that add heads on the features (DST, MAXL).
+    `drop_rate` is dropout inside the blocks, `fc_dropout` dropout before the classifier (MPL)."""
+
+    def __init__(self, num_classes, depth=28, width=2, in_channels=3, bn_momentum=0.001,
+                 drop_rate=0.0, fc_dropout=0.0):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, ...), got {depth}")
+        n = (depth - 4) // 6
+        channels = [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=True)  # as TorchSSL
+        blocks = []
+        for g in range(3):
+            for i in range(n):
+                blocks.append(_Block(channels[g] if i == 0 else channels[g + 1], channels[g + 1],
+                                     (1 if g == 0 else 2) if i == 0 else 1, drop_rate,
+                                     g == 0 and i == 0, bn_momentum))
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(channels[3], eps=0.001, momentum=bn_momentum)
+        self.num_features = channels[3]
+        self.fc_dropout = fc_dropout
+        self.fc = nn.Linear(channels[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def features(self, x):
+        out = F.leaky_relu(self.bn(self.blocks(self.conv1(x))), 0.1)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)  # (N, num_features)
+
+    def forward(self, x):
+        return self.fc(F.dropout(self.features(x), self.fc_dropout, self.training))

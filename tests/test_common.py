@@ -1,0 +1,112 @@
+"""common.py: the labeled split, the datasets through the real torchvision loaders, the WideResNet."""
+
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision
+
+import common
+from fakedata import SPECS, make_debian_fashion_mnist, make_fake_dataset
+
+
+# --- labeled split -------------------------------------------------------------------------------
+
+def test_split_is_balanced_deterministic_and_seeded():
+    targets = torch.arange(1000) % 10
+    idx = common.labeled_split(targets, 40, 10, seed=1)
+    assert len(idx) == 40 and len(set(idx.tolist())) == 40
+    assert torch.bincount(targets[idx], minlength=10).tolist() == [4] * 10
+    assert torch.equal(idx, common.labeled_split(targets, 40, 10, seed=1))
+    assert not torch.equal(idx, common.labeled_split(targets, 40, 10, seed=2))
+    assert torch.equal(common.labeled_split(targets, None, 10, seed=0), torch.arange(1000))
+
+
+@pytest.mark.parametrize("num_labels, message", [(45, "multiple"), (5, "multiple"), (0, "multiple"),
+                                                  (-10, "multiple"), (1010, "rarest class")])
+def test_split_rejects_bad_counts(num_labels, message):
+    with pytest.raises(ValueError, match=message):
+        common.labeled_split(torch.arange(1000) % 10, num_labels, 10, seed=0)
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_each_dataset_loads_exactly_through_torchvision(name, tmp_path, patched_integrity):
+    truth = make_fake_dataset(name, tmp_path)
+    train_x, train_y, test_x, test_y, extra_x = common.load_dataset(name, str(tmp_path))
+    info = common.DATASETS[name]
+    assert train_x.dtype == torch.uint8 and train_y.dtype == torch.int64
+    assert train_x.shape[1:] == (info.channels, info.size, info.size)
+    for got, want in [(train_x, "train_x"), (train_y, "train_y"), (test_x, "test_x"), (test_y, "test_y")]:
+        assert torch.equal(got, torch.from_numpy(truth[want])), want
+    if name == "stl10":
+        assert torch.equal(extra_x, torch.from_numpy(truth["unlabeled_x"]))
+    else:
+        assert extra_x is None
+
+
+def test_ssl_data_on_device_and_unlabeled_stream(tmp_path, patched_integrity):
+    truth = make_fake_dataset("stl10", tmp_path, n_train=100, n_unlabeled=30)
+    data = common.load_ssl_data("stl10", str(tmp_path), 20, seed=3, device="cpu")
+    assert torch.bincount(data.y_labeled, minlength=10).tolist() == [2] * 10
+    assert torch.equal(data.x_labeled, torch.from_numpy(truth["train_x"])[data.labeled_idx])
+    # unlabeled stream = whole training set + STL-10's unlabeled split, labels -1 where unknown
+    assert len(data.x_unlabeled) == 130 and (data.y_unlabeled[100:] == -1).all()
+    assert torch.equal(data.y_unlabeled[:100], torch.from_numpy(truth["train_y"]))
+    idx, x, y = common.sample_batch(64, data.x_unlabeled, data.y_unlabeled)
+    assert torch.equal(x, data.x_unlabeled[idx]) and torch.equal(y, data.y_unlabeled[idx])
+
+
+def test_fashion_mnist_from_debian_package(tmp_path, monkeypatch):
+    truth = make_debian_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    train_x, train_y, test_x, test_y, _ = common.load_dataset("fashion_mnist", str(tmp_path / "data"))
+    assert torch.equal(train_x, torch.from_numpy(truth["train_x"]))
+    assert torch.equal(test_y, torch.from_numpy(truth["test_y"]))
+
+
+def test_missing_data_says_what_to_put_where(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        common.load_dataset("cifar10", str(tmp_path))
+
+
+def test_normalize_uses_dataset_constants():
+    info = common.DATASETS["cifar10"]
+    x = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    out = common.normalize(x, info)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out[0, :, 0, 0], (1 - torch.tensor(info.mean)) / torch.tensor(info.std))
+
+
+# --- WideResNet ----------------------------------------------------------------------------------
+
+def test_wrn_28_2_parameter_count():
+    assert sum(p.numel() for p in common.WideResNet(10).parameters()) == 1_467_626
+
+
+def test_wrn_features_and_head():
+    torch.manual_seed(0)
+    model = common.WideResNet(7, depth=10, width=1, in_channels=1).eval()
+    x = torch.randn(3, 1, 28, 28)
+    features = model.features(x)
+    assert features.shape == (3, model.num_features) == (3, 64)
+    assert torch.allclose(model.fc(features), model(x))
+
+
+def test_wrn_bn_momentum_and_bad_depth():
+    model = common.WideResNet(10, depth=10, width=1, bn_momentum=0.1)
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+    with pytest.raises(ValueError, match="6n\\+4"):
+        common.WideResNet(10, depth=12)
+
+
+def test_wrn_every_block_gets_gradient():
+    """The TF-original block: no BatchNorm left unused (the PyTorch ports leave one per group)."""
+    model = common.WideResNet(10, depth=10, width=1)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
