@@ -167,10 +167,15 @@ def load_ssl_data(name, data_dir, num_labels, seed, device):
                    dev(x_u), dev(y_u), dev(test_x), dev(test_y))
 
 
-def sample_batch(batch_size, *tensors):
-    """A batch drawn uniformly WITH replacement, on the tensors' device, from torch's global RNG:
-    no epochs, no host sync, and resuming only needs the RNG state. Returns (idx, *tensors[idx])."""
-    idx = torch.randint(len(tensors[0]), (batch_size,), device=tensors[0].device)
+def sample_batch(batch_size, *tensors, replace=True):
+    """A batch drawn uniformly, on the tensors' device, from torch's global RNG: no epochs, no host
+    sync, and resuming only needs the RNG state. With replacement by default; replace=False gives
+    distinct rows (for methods that update per-sample state). Returns (idx, *tensors[idx])."""
+    n, device = len(tensors[0]), tensors[0].device
+    if replace:
+        idx = torch.randint(n, (batch_size,), device=device)
+    else:
+        idx = torch.randperm(n, device=device)[:batch_size]
     return (idx, *(t[idx] for t in tensors))
 
 

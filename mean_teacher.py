@@ -1,0 +1,287 @@
+"""Mean Teacher (Tarvainen & Valpola, "Mean teachers are better role models", NeurIPS 2017): the
+student must agree with a teacher whose weights are the exponential moving average of its own.
+
+Each step draws a labeled batch {(x_b, y_b)} of size B and an unlabeled batch {u_i} of size mu*B
+(the unlabeled set is the whole training set). With a(.) and a'(.) two independent draws of the
+weak augmentation, f(.; theta) the student and f(.; theta') the teacher (softmax outputs):
+    L = 1/B sum_b CE(y_b, f(a(x_b); theta))                                       (supervised)
+      + w(t) * 1/(C mu B) sum_i || f(a(u_i); theta) - f(a'(u_i); theta') ||^2    paper Eq. (1)
+    theta'_t = alpha_t theta'_{t-1} + (1 - alpha_t) theta_t                       paper Eq. (2)
+    alpha_t = min(1 - 1/(t + 1), ema_decay)         (a true average of the weights early on)
+    w(t) = w_max * exp(-5 (1 - T)^2),  T = min(t / (ramp_up * K), 1)   (the paper's sigmoid ramp-up)
+The teacher's side is a target: no gradient flows into it; it changes only through Eq. (2).
+
+Recipe: the classic CV protocol of supervised.py (METHODS.md section 0), mu 1, w_max 50 (TorchSSL).
+
+Choices, where the references differ or are silent:
+    - The teacher IS the EMA model that every script evaluates: no second average is kept.
+    - Teacher BatchNorm: the teacher forwards its own view of the unlabeled batch in TRAIN mode (no
+      gradient), so it normalises with the statistics of its own activations and its running
+      statistics track them, as in the paper's code; Eq. (2) averages parameters only. Copying
+      the student's running statistics instead (TorchSSL's EMA) pairs averaged weights with
+      statistics of other weights, which early in a run are far off.
+    - Weight 50 on the mean over classes and unlabeled samples (TorchSSL, whose batches are
+      separate as ours); the paper's 100 averages over a mixed labeled + unlabeled batch.
+    - Ramp: the paper's sigmoid shape over 40 % of the run (TorchSSL's length; its shape is
+      linear), scaled with --total-steps so that short runs switch the consistency on too.
+    - The student forwards the concatenated [labeled, unlabeled] batch once (shared batch
+      statistics); the teacher forwards the unlabeled batch alone, which has the same distribution.
+    - Batches are drawn uniformly with replacement from the device-resident set each step
+      (common.sample_batch), not by epochs: no host sync, and resuming needs only the RNG state.
+    - Mixed precision: bf16 autocast by default on CUDA (no GradScaler needed), fp16 with a
+      GradScaler on request, fp32 on CPU by default. Losses are computed in fp32.
+    - A run is resumable from any kill: checkpoints are written atomically, the log rows written
+      after the last checkpoint are dropped on resume, and the RNG states travel in the checkpoint.
+
+Usage:
+    python mean_teacher.py --dataset cifar10 --num-labels 4000
+    python mean_teacher.py --resume runs/<run dir>      # continue exactly where it stopped
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+METHOD = Path(__file__).stem
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit code 2, nothing written."""
+    print(f"{METHOD}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.error = fail  # argparse would print the usage block too: keep errors to one line
+    # generic: data, budget, optimisation, network, hardware, output
+    p.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS), help="dataset")
+    p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--num-labels", type=int, default=4000, help="labeled examples, class-balanced")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
+    p.add_argument("--total-steps", type=int, default=2**20, help="optimizer steps K")
+    p.add_argument("--eval-every", type=int, default=5000, help="evaluate every this many steps")
+    p.add_argument("--log-every", type=int, default=100, help="log training metrics every this many steps")
+    p.add_argument("--save-every", type=int, default=5000, help="checkpoint every this many steps (the last step always saves)")
+    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B")
+    p.add_argument("--mu", type=int, default=1, help="unlabeled batch = mu * B")
+    p.add_argument("--lr", type=float, default=0.03, help="initial learning rate")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4, 1e-3 on cifar100")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD (nesterov) momentum")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the EMA model, here the teacher")
+    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
+    p.add_argument("--width", type=int, default=None, help="WideResNet width, default 2, 8 on cifar100")
+    p.add_argument("--bn-momentum", type=float, default=0.001, help="BatchNorm momentum (short runs need ~0.1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="autocast dtype, default bf16 on cuda, none on cpu")
+    p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
+    p.add_argument("--run-dir", default=None, help="output folder, default runs/<dataset>_<method>_<labels>_<seed>_<time>")
+    p.add_argument("--resume", default=None, help="run dir (or its checkpoint.pt) to continue exactly; its args.json supplies the arguments")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    # algorithm specific
+    p.add_argument("--unsup-weight", type=float, default=50.0, help="w_max, the consistency weight after ramp-up")
+    p.add_argument("--ramp-up", type=float, default=0.4, help="ramp-up length as a fraction of --total-steps")
+    args = p.parse_args(argv)
+    if args.resume:  # the saved arguments become the defaults; flags given now still override them
+        run_dir = Path(args.resume).parent if Path(args.resume).is_file() else Path(args.resume)
+        if not (run_dir / "args.json").is_file():
+            fail(f"--resume {args.resume}: no args.json there, so it is not a run dir")
+        p.set_defaults(**json.loads((run_dir / "args.json").read_text()))
+        args = p.parse_args(argv)
+        args.run_dir, args.resume = str(run_dir), str(run_dir)
+    # values derived at run time (written to args.json resolved)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else 1e-3 if args.dataset == "cifar100" else 5e-4
+    args.width = args.width or (8 if args.dataset == "cifar100" else 2)
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    for name in ("num_labels", "total_steps", "eval_every", "log_every", "save_every", "batch_size", "mu"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if (args.depth - 4) % 6:
+        fail(f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda, but CUDA is not available here: use --device cpu")
+    return args
+
+
+def sigmoid_rampup(step, length):
+    """exp(-5 (1 - T)^2) with T = step / length clipped to [0, 1]: the sigmoid ramp-up."""
+    t = min(step / length, 1.0) if length > 0 else 1.0
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * model for parameters: paper Eq. (2). The teacher's BatchNorm
+    buffers are its own, kept by its train-mode forwards."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+
+
+@torch.no_grad()
+def evaluate(model, x_test, y_test, info, autocast, batch_size=1024):
+    """Top-1 accuracy (%) and mean cross-entropy on the test set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=x_test.device)
+    loss = torch.zeros((), device=x_test.device)
+    for i in range(0, len(x_test), batch_size):
+        x = common.normalize(x_test[i : i + batch_size], info).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y_test[i : i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y_test[i : i + batch_size]).sum()
+    model.train(was_training)
+    acc, loss = (torch.stack([correct, loss]) / len(x_test)).tolist()
+    return 100 * acc, loss
+
+
+def save_checkpoint(state, path):
+    """Atomic: a crash at any moment leaves the previous checkpoint whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    run_dir = Path(args.run_dir)
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+        fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
+
+    # TRY NOT TO MODIFY: seeding, device, data
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    info = data.info
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
+    prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
+
+    # TRY NOT TO MODIFY: model, EMA, optimizer (no weight decay on BatchNorm and biases), schedule
+    model = common.WideResNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum)
+    model = model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).requires_grad_(False)  # the teacher, and the evaluated model (train mode: own BN statistics)
+    train_model = torch.compile(model) if args.compile else model
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=args.lr, momentum=args.momentum, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    # TRY NOT TO MODIFY: run dir, resume, logging
+    start_step, best_acc, running, n_running = 0, 0.0, {}, 0
+    if args.resume and (run_dir / "checkpoint.pt").is_file():
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step, best_acc, n_running = ckpt["step"], ckpt["best_acc"], ckpt["n_running"]
+        running = {k: v.to(device) for k, v in ckpt["running"].items()}
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():  # drop rows logged after the checkpoint we resume from (or all, if none)
+        rows = []
+        for line in metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    writer = None
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(run_dir, purge_step=start_step + 1)
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only", file=sys.stderr)
+
+    def log(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer:
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(k, v, row["step"])
+
+    print(f"{METHOD} | {args.dataset} {args.num_labels} labels | WRN-{args.depth}-{args.width} "
+          f"{sum(p.numel() for p in model.parameters()):,} params | {device} amp={args.amp} | {run_dir}")
+    model.train()
+    t_last, step_last = time.perf_counter(), start_step
+    for step in range(start_step + 1, args.total_steps + 1):
+        # ALGO LOGIC: student on [labeled, unlabeled], teacher on its own view of the unlabeled batch
+        _, x_l, y_l = common.sample_batch(args.batch_size, data.x_labeled, data.y_labeled)
+        _, x_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled)
+        with autocast:
+            logits = train_model(prep(common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip))).float()
+            with torch.no_grad():  # the target: no gradient into the teacher
+                logits_u_teacher = ema_model(prep(common.weak_augment(x_u, flip=info.flip))).float()
+        logits_l, logits_u = logits.split([len(x_l), len(x_u)])
+        loss_x = F.cross_entropy(logits_l, y_l)  # supervised term
+        loss_u = F.mse_loss(logits_u.softmax(1), logits_u_teacher.softmax(1))  # paper Eq. (1)
+        w = args.unsup_weight * sigmoid_rampup(step, args.ramp_up * args.total_steps)  # sigmoid ramp-up
+        loss = loss_x + w * loss_u
+        stats = {"losses/total": loss, "losses/sup": loss_x, "losses/unsup": loss_u, "train/unsup_weight": torch.full_like(loss, w)}
+
+        # TRY NOT TO MODIFY: optimizer step, EMA, device-side metric sums (no host sync)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        ema_update(ema_model, model, min(args.ema_decay, 1 - 1 / (step + 1)))  # paper Eq. (2)
+        for k, v in stats.items():
+            running[k] = running.get(k, 0) + v.detach().float()
+        n_running += 1
+
+        # TRY NOT TO MODIFY: log, evaluate, checkpoint
+        last = step == args.total_steps
+        if step % args.log_every == 0 or last:
+            means = dict(zip(running, (torch.stack(list(running.values())) / n_running).tolist()))  # the one host sync per log interval
+            its = (step - step_last) / (time.perf_counter() - t_last)
+            lr = scheduler.get_last_lr()[0]
+            log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
+            running, n_running = {}, 0
+            eta = time.strftime("%H:%M:%S", time.gmtime((args.total_steps - step) / its))
+            print(f"step {step:>7}/{args.total_steps} | " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
+                  + f" | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
+        if step % args.eval_every == 0 or last:
+            acc, loss_eval = evaluate(ema_model, data.x_test, data.y_test, info, autocast)
+            acc_raw, _ = evaluate(model, data.x_test, data.y_test, info, autocast)
+            best_acc = max(best_acc, acc)
+            log({"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw, "eval/best_acc": best_acc})
+            print(f"step {step:>7} | eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f}) | loss {loss_eval:.4f}", flush=True)
+        if step % args.save_every == 0 or last:
+            save_checkpoint({"step": step, "args": vars(args), "model": model.state_dict(), "ema_model": ema_model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "best_acc": best_acc, "running": running, "n_running": n_running, "rng_cpu": torch.get_rng_state(),
+                             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, run_dir / "checkpoint.pt")
+        if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
+            t_last, step_last = time.perf_counter(), step  # it/s excludes evaluation and saving
+    if writer:
+        writer.close()

@@ -1,0 +1,54 @@
+"""Running the method scripts in tests: as a subprocess (as a user runs them) or in-process (to look at
+the trained objects afterwards), on a tiny network and fake Fashion-MNIST (no md5 to patch)."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--dataset", "fashion_mnist", "--num-labels", "20", "--depth", "10", "--width", "1", "--batch-size", "8",
+        "--bn-momentum", "0.1", "--device", "cpu", "--log-every", "4", "--eval-every", "6", "--save-every", "5"]
+OFFLINE = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # downloads fail fast
+
+
+def run(script, *args, check=True):
+    """The script in a fresh interpreter; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=OFFLINE, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def run_inprocess(script, *args, monkeypatch):
+    """The script as __main__ in this process; returns its globals (model, ema_model, ...)."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    return runpy.run_path(str(ROOT / script), run_name="__main__")
+
+
+def rows(run_dir):
+    """metrics.jsonl without wall-clock fields."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "train/it_per_sec"} for line in lines]
+
+
+def checkpoint(run_dir):
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def flat(state, prefix=""):
+    """Every leaf of a checkpoint (weights, optimizer, RNG, method state) as {dotted.key: value}."""
+    if isinstance(state, dict):
+        return {k: v for key, sub in state.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, sub in enumerate(state) for k, v in flat(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: state}
+
+
+def same(a, b):
+    return type(a) is type(b) and (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
