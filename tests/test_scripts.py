@@ -90,3 +90,9 @@ def test_existing_run_dir_is_not_overwritten(data_dir, tmp_path):
     proc = run("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 2, "--run-dir", out, check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_asked_for_but_absent(data_dir, tmp_path):
+    proc = run("supervised.py", *TINY, "--data-dir", data_dir, "--device", "cuda", "--run-dir", tmp_path / "r", check=False)
+    assert proc.returncode == 2 and "use --device cpu" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
