@@ -181,8 +181,8 @@ def sample_batch(batch_size, *tensors, replace=True):
 
 def normalize(x, info):
     """uint8 (N, C, H, W) -> float32, standardised per channel with the dataset's constants."""
-    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1)
+    mean = _constant(info.mean, x.device).view(1, -1, 1, 1)  # cached: no host-to-device copy per call
+    std = _constant(info.std, x.device).view(1, -1, 1, 1)
     return (x.float() / 255 - mean) / std
 
 

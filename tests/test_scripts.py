@@ -12,7 +12,7 @@ import torch
 
 from scriptrun import OFFLINE, ROOT, TINY, checkpoint, flat, rows, run, same
 
-SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py"]
+SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py", "dst.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,0 +1,389 @@
+"""Debiased Self-Training (Chen, Jiang, Wang, Wan, Wang & Long, "Debiased Self-Training for
+Semi-Supervised Learning", NeurIPS 2022) on FixMatch: the head that makes the pseudo labels never
+learns from them, and the features are trained against the worst head that the labels allow.
+
+Each step draws a labeled batch {(x_b, y_b)} of size B and an unlabeled batch {u_i} of size mu*B
+(the unlabeled set is the whole training set). A backbone psi (the WideResNet's pooled features)
+feeds three heads: the main head h (the WideResNet's linear classifier: it makes the pseudo labels
+and is the only head evaluated), the pseudo head h_p and the worst-case head h_w (two MLPs). With
+a(.) the weak and A(.) the strong augmentation, yhat_i = argmax h(psi(a(u_i))) with confidence
+c_i (its softmax probability), and ybar_b = argmax h(psi(a(x_b))), one step minimises
+    L_x = 1/B sum_b CE(y_b, h(psi(a(x_b))))                                (1) supervised, h only
+    L_p = 1/(mu B) sum_i 1[c_i > tau] CE(yhat_i, h_p(psi(A(u_i))))         (2) decoupled pseudo labeling
+    L_w = eta' 1/B sum_b CE(ybar_b, h_w(R(psi(a(x_b)))))
+          + 1/(mu B) sum_i -log(1 - softmax(h_w(R(psi(a(u_i)))))[yhat_i])  (3) worst-case estimation
+    L = L_x + lambda L_p + eta L_w                                         (4)
+R is the gradient reversal layer: the identity forward, the gradient times -lambda_k backward. So
+h_w minimises (3), fitting h's predictions on labeled data while contradicting them on unlabeled
+data (the worst head the labels allow), and psi maximises it: features on which no such head
+exists. The coefficient warms up with the number k of optimizer steps already taken:
+    lambda_k = 2 (hi - lo) / (1 + exp(-alpha k / N)) - (hi - lo) + lo      (5) warm start
+Pseudo labels come from detached probabilities and argmax has no gradient, so h learns from (1)
+alone; h_p learns from (2), h_w from (3), psi from all three. The equation numbers are this file's
+(the paper's numbering was not checked); the formulas are those of the authors' code (tllib:
+projects/dst/dst.py on the dev-ssl branch, tllib/self_training/dst.py, tllib/modules/grl.py).
+
+Recipe: the classic CV protocol of supervised.py (METHODS.md section 0), mu 7, tau 0.9, lambda 1,
+eta 0.3, eta' 2, hi 0.1, lo 0, alpha 1, N = K / 10 (DST's command for CIFAR-10/100 and SVHN).
+
+Choices, where the references differ or are silent:
+    - Hyperparameters of the command in DST's README and dst.sh for CIFAR-10/100 and SVHN: tau 0.9,
+      eta 0.3, eta' 2, N = 100k of its 1M steps. The argparse defaults of the same script differ
+      (tau 0.95, eta 0.1, eta' 1, N fixed at 300k: its STL-10 setting). N is a fraction of
+      --total-steps (0.1) so that short runs warm up too. With alpha 1, lambda reaches
+      lo + 0.46 (hi - lo) at k = N and ends within 0.01 % of hi at k = 10 N = K.
+    - Heads as in DST's from-scratch code: Linear-ReLU-Dropout(0.5), twice, then Linear; hidden
+      width twice the feature width (256 on WRN-28-2); xavier-normal weights, zero biases; no
+      bottleneck. DST's README says its worst head has BatchNorm layers; its released code has
+      none, and we follow the code. The heads get weight decay like every weight.
+    - (3) is computed on the weak views of both batches and (2) on the strong unlabeled view, as in
+      DST's code; no cross-entropy on strong labeled views (DST's fine-tuning script adds one with
+      weight 0.1, its from-scratch script does not). Targets in (3) are h's predictions, also on
+      labeled data (DST's code), not the labels.
+    - log(1 - p) in (3) is computed exactly, as logsumexp over the other classes minus logsumexp
+      over all: finite for finite logits, with a bounded gradient. tllib computes
+      log(min(1 - p + 1e-6, 1)), which caps the term at -log(1e-6) = 13.8.
+    - Mask c_i > tau (strict, as DST), averaged over all mu*B samples (FixMatch's normalisation).
+    - k counts the optimizer steps before this one (tllib steps its layer after each update), so
+      lambda = lo on the first step. lambda enters the network as a 0-dim tensor on the device:
+      no host sync, and torch.compile does not recompile when it changes.
+    - One forward of [a(x), a(u), A(u)] through psi and the three heads, as DST's code: BatchNorm
+      statistics come from all three views; head outputs on rows no loss uses cost little.
+    - DSTNet is the WideResNet plus the two MLP heads: model(x) gives h's logits (what evaluate()
+      and the EMA model use), model(x, lambda) the three heads' logits, so --compile compiles the
+      whole training forward. The EMA averages the heads too (unused in evaluation) and copies
+      every BatchNorm buffer: tllib's EMA copies the statistics only of modules whose name
+      contains "bn" and silently skips any other BatchNorm; ours matches nothing by name.
+    - Batches are drawn uniformly with replacement from the device-resident set each step
+      (common.sample_batch), not by epochs: no host sync, and resuming needs only the RNG state.
+    - EMA decay min(ema_decay, 1 - 1/(k+1)) at step k (Mean Teacher's form): the EMA is the true
+      average of the weights early on instead of staying near the random init for ~1/(1-decay)
+      steps (TorchSSL uses the constant 0.999 from step 0). Parameters are averaged, BatchNorm
+      running statistics copied from the trained model (an EMA whose BN stays at init is broken).
+    - Mixed precision: bf16 autocast by default on CUDA (no GradScaler needed), fp16 with a
+      GradScaler on request, fp32 on CPU by default. Losses are computed in fp32.
+    - A run is resumable from any kill: checkpoints are written atomically, the log rows written
+      after the last checkpoint are dropped on resume, and the RNG states travel in the checkpoint.
+
+Usage:
+    python dst.py --dataset cifar10 --num-labels 40
+    python dst.py --resume runs/<run dir>               # continue exactly where it stopped
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+METHOD = Path(__file__).stem
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit code 2, nothing written."""
+    print(f"{METHOD}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.error = fail  # argparse would print the usage block too: keep errors to one line
+    # generic: data, budget, optimisation, network, hardware, output
+    p.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS), help="dataset")
+    p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--num-labels", type=int, default=4000, help="labeled examples, class-balanced")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
+    p.add_argument("--total-steps", type=int, default=2**20, help="optimizer steps K")
+    p.add_argument("--eval-every", type=int, default=5000, help="evaluate every this many steps")
+    p.add_argument("--log-every", type=int, default=100, help="log training metrics every this many steps")
+    p.add_argument("--save-every", type=int, default=5000, help="checkpoint every this many steps (the last step always saves)")
+    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B")
+    p.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * B")
+    p.add_argument("--lr", type=float, default=0.03, help="initial learning rate")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4, 1e-3 on cifar100")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD (nesterov) momentum")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the evaluated EMA model")
+    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
+    p.add_argument("--width", type=int, default=None, help="WideResNet width, default 2, 8 on cifar100")
+    p.add_argument("--bn-momentum", type=float, default=0.001, help="BatchNorm momentum (short runs need ~0.1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="autocast dtype, default bf16 on cuda, none on cpu")
+    p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
+    p.add_argument("--run-dir", default=None, help="output folder, default runs/<dataset>_<method>_<labels>_<seed>_<time>")
+    p.add_argument("--resume", default=None, help="run dir (or its checkpoint.pt) to continue exactly; its args.json supplies the arguments")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    # algorithm specific
+    p.add_argument("--threshold", type=float, default=0.9, help="tau: h's confidence above which its pseudo label is used")
+    p.add_argument("--pseudo-weight", type=float, default=1.0, help="lambda, the weight of the pseudo head's loss")
+    p.add_argument("--worst-weight", type=float, default=0.3, help="eta, the weight of the worst-case estimation loss")
+    p.add_argument("--eta-prime", type=float, default=2.0, help="eta', the weight of the worst head's labeled term")
+    p.add_argument("--grl-hi", type=float, default=0.1, help="final gradient reversal coefficient")
+    p.add_argument("--grl-lo", type=float, default=0.0, help="initial gradient reversal coefficient")
+    p.add_argument("--grl-alpha", type=float, default=1.0, help="steepness alpha of the coefficient's warm start")
+    p.add_argument("--grl-warmup", type=float, default=0.1, help="warm-start length N, a fraction of --total-steps (DST: 100k of 1M)")
+    p.add_argument("--head-width", type=int, default=None, help="hidden width of the two MLP heads, default 2x the features")
+    args = p.parse_args(argv)
+    if args.resume:  # the saved arguments become the defaults; flags given now still override them
+        run_dir = Path(args.resume).parent if Path(args.resume).is_file() else Path(args.resume)
+        if not (run_dir / "args.json").is_file():
+            fail(f"--resume {args.resume}: no args.json there, so it is not a run dir")
+        p.set_defaults(**json.loads((run_dir / "args.json").read_text()))
+        args = p.parse_args(argv)
+        args.run_dir, args.resume = str(run_dir), str(run_dir)
+    # values derived at run time (written to args.json resolved)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else 1e-3 if args.dataset == "cifar100" else 5e-4
+    args.width = args.width or (8 if args.dataset == "cifar100" else 2)
+    args.head_width = args.head_width or 2 * 64 * args.width  # twice the WideResNet's feature width, as DST
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    for name in ("num_labels", "total_steps", "eval_every", "log_every", "save_every", "batch_size", "mu"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if (args.depth - 4) % 6:
+        fail(f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda, but CUDA is not available here: use --device cpu")
+    return args
+
+
+class GradReverse(torch.autograd.Function):
+    """R in (3): the identity forward; backward multiplies the gradient by -coeff (a 0-dim tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, coeff):
+        ctx.save_for_backward(coeff)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (coeff,) = ctx.saved_tensors
+        return -coeff * grad, None
+
+
+def grl_coefficient(k, length, lo, hi, alpha):
+    """lambda_k of Eq. (5): lo at k = 0, rising towards hi over a few times `length` steps."""
+    if length <= 0:
+        return hi
+    return 2 * (hi - lo) / (1 + math.exp(-alpha * k / length)) - (hi - lo) + lo
+
+
+def worst_case_loss(logits_l, worst_l, logits_u, worst_u, eta_prime):
+    """Eq. (3): the worst head fits h's predictions on labeled data and contradicts them on unlabeled
+    data. log(1 - p_y) = logsumexp over the classes other than y - logsumexp over all: exact and
+    finite, where log(1 - softmax) would reach -inf as p_y rounds to 1."""
+    loss_l = F.cross_entropy(worst_l, logits_l.argmax(1))
+    y_u = logits_u.argmax(1, keepdim=True)  # (mu B, 1)
+    others = worst_u.scatter(1, y_u, float("-inf"))
+    loss_u = (worst_u.logsumexp(1) - others.logsumexp(1)).mean()  # -log(1 - p_y)
+    return eta_prime * loss_l + loss_u
+
+
+class DSTNet(common.WideResNet):
+    """The WideResNet (backbone psi, main head h = fc) plus DST's pseudo head and worst-case head on the
+    pooled features. model(x) gives h's logits (evaluation, EMA); model(x, coeff) gives the logits of
+    h, h_p and h_w, with the gradient reversal layer (coefficient coeff) in front of h_w."""
+
+    def __init__(self, num_classes, depth, width, in_channels, bn_momentum, head_width):
+        super().__init__(num_classes, depth, width, in_channels, bn_momentum)
+        self.pseudo_head = self.mlp(self.num_features, head_width, num_classes)
+        self.worst_head = self.mlp(self.num_features, head_width, num_classes)
+
+    @staticmethod
+    def mlp(d_in, width, d_out):
+        head = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Dropout(0.5), nn.Linear(width, width), nn.ReLU(),
+                             nn.Dropout(0.5), nn.Linear(width, d_out))
+        for m in head:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+        return head
+
+    def forward(self, x, grl_coeff=None):
+        f = self.features(x)  # (N, num_features)
+        if grl_coeff is None:
+            return self.fc(f)
+        return self.fc(f), self.pseudo_head(f), self.worst_head(GradReverse.apply(f, grl_coeff))
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * model for parameters; BatchNorm buffers copied."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+@torch.no_grad()
+def evaluate(model, x_test, y_test, info, autocast, batch_size=1024):
+    """Top-1 accuracy (%) and mean cross-entropy on the test set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=x_test.device)
+    loss = torch.zeros((), device=x_test.device)
+    for i in range(0, len(x_test), batch_size):
+        x = common.normalize(x_test[i : i + batch_size], info).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y_test[i : i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y_test[i : i + batch_size]).sum()
+    model.train(was_training)
+    acc, loss = (torch.stack([correct, loss]) / len(x_test)).tolist()
+    return 100 * acc, loss
+
+
+def save_checkpoint(state, path):
+    """Atomic: a crash at any moment leaves the previous checkpoint whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    run_dir = Path(args.run_dir)
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+        fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
+
+    # TRY NOT TO MODIFY: seeding, device, data
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    info = data.info
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
+    prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
+
+    # TRY NOT TO MODIFY: model, EMA, optimizer (no weight decay on BatchNorm and biases), schedule
+    model = DSTNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum, args.head_width)
+    model = model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # the evaluated model
+    train_model = torch.compile(model) if args.compile else model
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=args.lr, momentum=args.momentum, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    # TRY NOT TO MODIFY: run dir, resume, logging
+    start_step, best_acc, running, n_running = 0, 0.0, {}, 0
+    if args.resume and (run_dir / "checkpoint.pt").is_file():
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step, best_acc, n_running = ckpt["step"], ckpt["best_acc"], ckpt["n_running"]
+        running = {k: v.to(device) for k, v in ckpt["running"].items()}
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():  # drop rows logged after the checkpoint we resume from (or all, if none)
+        rows = []
+        for line in metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    writer = None
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(run_dir, purge_step=start_step + 1)
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only", file=sys.stderr)
+
+    def log(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer:
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(k, v, row["step"])
+
+    print(f"{METHOD} | {args.dataset} {args.num_labels} labels | WRN-{args.depth}-{args.width} "
+          f"{sum(p.numel() for p in model.parameters()):,} params | {device} amp={args.amp} | {run_dir}")
+    model.train()
+    t_last, step_last = time.perf_counter(), start_step
+    for step in range(start_step + 1, args.total_steps + 1):
+        # ALGO LOGIC: one forward of [labeled weak, unlabeled weak, unlabeled strong] through psi and the three heads
+        _, x_l, y_l = common.sample_batch(args.batch_size, data.x_labeled, data.y_labeled)
+        _, x_u, y_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled, data.y_unlabeled)  # y_u: logging only
+        x = torch.cat([common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip), common.strong_augment(x_u, flip=info.flip)])
+        lam = grl_coefficient(step - 1, args.grl_warmup * args.total_steps, args.grl_lo, args.grl_hi, args.grl_alpha)  # Eq. (5)
+        coeff = torch.full((), lam, device=device)  # a fill from a host scalar, not a copy: no sync
+        with autocast:
+            logits, logits_p, logits_w = (t.float() for t in train_model(prep(x), coeff))  # (B + 2 mu B, classes) each
+        n_l, n_u = len(x_l), len(x_u)
+        logits_l, logits_u, _ = logits.split([n_l, n_u, n_u])
+        loss_x = F.cross_entropy(logits_l, y_l)  # Eq. (1): the only loss that reaches h
+        confidence, pseudo = logits_u.detach().softmax(1).max(1)  # h's pseudo labels on the weak view
+        mask = (confidence > args.threshold).float()
+        loss_p = (F.cross_entropy(logits_p[n_l + n_u :], pseudo, reduction="none") * mask).mean()  # Eq. (2), strong view
+        loss_w = worst_case_loss(logits_l, logits_w[:n_l], logits_u, logits_w[n_l : n_l + n_u], args.eta_prime)  # Eq. (3), weak
+        loss = loss_x + args.pseudo_weight * loss_p + args.worst_weight * loss_w  # Eq. (4)
+        known = mask * (y_u >= 0)  # confident pseudo labels whose true label exists (for logging)
+        pseudo_acc = (known * (pseudo == y_u)).sum() / known.sum().clamp(min=1)
+        stats = {"losses/total": loss, "losses/sup": loss_x, "losses/pseudo": loss_p, "losses/worst": loss_w,
+                 "train/mask_ratio": mask.mean(), "train/pseudo_acc": pseudo_acc, "train/grl_coeff": coeff}
+
+        # TRY NOT TO MODIFY: optimizer step, EMA, device-side metric sums (no host sync)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        ema_update(ema_model, model, min(args.ema_decay, 1 - 1 / (step + 1)))
+        for k, v in stats.items():
+            running[k] = running.get(k, 0) + v.detach().float()
+        n_running += 1
+
+        # TRY NOT TO MODIFY: log, evaluate, checkpoint
+        last = step == args.total_steps
+        if step % args.log_every == 0 or last:
+            means = dict(zip(running, (torch.stack(list(running.values())) / n_running).tolist()))  # the one host sync per log interval
+            its = (step - step_last) / (time.perf_counter() - t_last)
+            lr = scheduler.get_last_lr()[0]
+            log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
+            running, n_running = {}, 0
+            eta = time.strftime("%H:%M:%S", time.gmtime((args.total_steps - step) / its))
+            print(f"step {step:>7}/{args.total_steps} | " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
+                  + f" | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
+        if step % args.eval_every == 0 or last:
+            acc, loss_eval = evaluate(ema_model, data.x_test, data.y_test, info, autocast)
+            acc_raw, _ = evaluate(model, data.x_test, data.y_test, info, autocast)
+            best_acc = max(best_acc, acc)
+            log({"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw, "eval/best_acc": best_acc})
+            print(f"step {step:>7} | eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f}) | loss {loss_eval:.4f}", flush=True)
+        if step % args.save_every == 0 or last:
+            save_checkpoint({"step": step, "args": vars(args), "model": model.state_dict(), "ema_model": ema_model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "best_acc": best_acc, "running": running, "n_running": n_running, "rng_cpu": torch.get_rng_state(),
+                             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, run_dir / "checkpoint.pt")
+        if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
+            t_last, step_last = time.perf_counter(), step  # it/s excludes evaluation and saving
+    if writer:
+        writer.close()

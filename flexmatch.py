@@ -1,0 +1,334 @@
+"""FlexMatch (Zhang et al., "FlexMatch: Boosting Semi-Supervised Learning with Curriculum Pseudo
+Labeling", NeurIPS 2021): FixMatch with a per-class confidence threshold that follows how well
+each class is learned (Curriculum Pseudo Labeling).
+
+Each step draws a labeled batch {(x_b, y_b)} of size B and an unlabeled batch {u_b} of size mu*B
+of DISTINCT rows n of the unlabeled set (the whole training set). With w(.) the weak and W(.) the
+strong augmentation, q_b = p(y | w(u_b)) the weak-view prediction and c_b = argmax q_b its hard
+pseudo label, every row n carries a mark u^_n (-1 = unused, Algorithm 1 line 2):
+    L = 1/B sum_b CE(y_b, p(y | w(x_b)))                                         (10) supervised term
+      + lambda_u * 1/(mu B) sum_b [max q_b >= T(c_b)] CE(c_b, p(y | W(u_b)))      (8), (9)
+    sigma(c) = #{n : u^_n = c}                          learning effect (5), counted over the marks
+    beta(c) = sigma(c) / max(max_c sigma, #{n : u^_n = -1})     (11) threshold warm-up
+            = sigma(c) / max_c sigma                             (6) without it (0 where 0/0)
+    T(c) = tau * M(beta(c)),  M(x) = x / (2 - x)                (12) convex mapping; (7) is M(x) = x
+    u^_b <- c_b  for the batch rows with max q_b >= tau         Algorithm 1 lines 13-17, FIXED tau
+The thresholds come from the marks BEFORE this step's update (Algorithm 1 computes T(c) in lines
+4-12, then marks in lines 13-17, as TorchSSL does). At the start every mark is -1, so beta = 0, the
+threshold is 0 and every unlabeled sample is in the loss: by design. Pseudo labels are not
+differentiated.
+
+Recipe: the classic CV protocol of supervised.py (METHODS.md section 0), mu 7, tau 0.95,
+lambda_u 1, convex mapping, threshold warm-up on (paper section 4 and TorchSSL).
+
+Choices, where the references differ or are silent:
+    - Confidence gates with ">=" (TorchSSL) where the paper writes ">": the same up to ties.
+    - --mapping concave is M(x) = ln(x + 1) / ln 2, the concave form tllib's FlexMatch module lists
+      (the paper's section 3.3 gives only the convex x / (2 - x); TorchSSL keeps a different
+      concave form, commented out). Convex is the default and the paper's choice; linear is Eq. (7).
+    - Counts by a scatter-add into C + 1 bins (bin 0 = unused) on the device: torch.bincount on
+      CUDA reads the input's min and max to the host, and TorchSSL's Counter(tensor.tolist())
+      copies all N marks every step. The marks live on the device and travel in the checkpoint
+      (TorchSSL saves none, so its resumed runs restart the curriculum); resume is exact.
+    - One edge case differs from TorchSSL: when ALL N marks are one class, TorchSSL keeps the
+      previous thresholds, here that class gets tau and the others 0 (the formula as written).
+    - The unlabeled batch is drawn WITHOUT replacement (common.sample_batch(replace=False)), so no
+      row is marked twice in one step; the labeled batch, as everywhere, with replacement.
+    - BatchNorm: ONE forward of the concatenated [labeled weak, unlabeled weak, unlabeled strong]
+      batch, as TorchSSL.
+    - EMA decay min(ema_decay, 1 - 1/(k+1)) at step k (Mean Teacher's form): the EMA is the true
+      average of the weights early on instead of staying near the random init for ~1/(1-decay)
+      steps (TorchSSL uses the constant 0.999 from step 0). Parameters are averaged, BatchNorm
+      running statistics copied from the trained model (an EMA whose BN stays at init is broken).
+    - Mixed precision: bf16 autocast by default on CUDA (no GradScaler needed), fp16 with a
+      GradScaler on request, fp32 on CPU by default. Losses are computed in fp32.
+    - A run is resumable from any kill: checkpoints are written atomically, the log rows written
+      after the last checkpoint are dropped on resume, and the RNG states travel in the checkpoint.
+
+Usage:
+    python flexmatch.py --dataset cifar10 --num-labels 40
+    python flexmatch.py --resume runs/<run dir>         # continue exactly where it stopped
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+METHOD = Path(__file__).stem
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit code 2, nothing written."""
+    print(f"{METHOD}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.error = fail  # argparse would print the usage block too: keep errors to one line
+    # generic: data, budget, optimisation, network, hardware, output
+    p.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS), help="dataset")
+    p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--num-labels", type=int, default=4000, help="labeled examples, class-balanced")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
+    p.add_argument("--total-steps", type=int, default=2**20, help="optimizer steps K")
+    p.add_argument("--eval-every", type=int, default=5000, help="evaluate every this many steps")
+    p.add_argument("--log-every", type=int, default=100, help="log training metrics every this many steps")
+    p.add_argument("--save-every", type=int, default=5000, help="checkpoint every this many steps (the last step always saves)")
+    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B")
+    p.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * B")
+    p.add_argument("--lr", type=float, default=0.03, help="initial learning rate")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4, 1e-3 on cifar100")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD (nesterov) momentum")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the evaluated EMA model")
+    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
+    p.add_argument("--width", type=int, default=None, help="WideResNet width, default 2, 8 on cifar100")
+    p.add_argument("--bn-momentum", type=float, default=0.001, help="BatchNorm momentum (short runs need ~0.1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="autocast dtype, default bf16 on cuda, none on cpu")
+    p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
+    p.add_argument("--run-dir", default=None, help="output folder, default runs/<dataset>_<method>_<labels>_<seed>_<time>")
+    p.add_argument("--resume", default=None, help="run dir (or its checkpoint.pt) to continue exactly; its args.json supplies the arguments")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    # algorithm specific
+    p.add_argument("--threshold", type=float, default=0.95, help="tau: marks a confident sample; the flexible thresholds' ceiling")
+    p.add_argument("--unsup-weight", type=float, default=1.0, help="lambda_u, the weight of the unlabeled loss")
+    p.add_argument("--mapping", choices=list(MAPPINGS), default="convex", help="M in T(c) = tau * M(beta(c)): x/(2-x), x, ln(1+x)/ln 2")
+    p.add_argument("--threshold-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="count the unused samples in the normaliser of beta (Eq. 11); --no-threshold-warmup uses Eq. (6)")
+    args = p.parse_args(argv)
+    if args.resume:  # the saved arguments become the defaults; flags given now still override them
+        run_dir = Path(args.resume).parent if Path(args.resume).is_file() else Path(args.resume)
+        if not (run_dir / "args.json").is_file():
+            fail(f"--resume {args.resume}: no args.json there, so it is not a run dir")
+        p.set_defaults(**json.loads((run_dir / "args.json").read_text()))
+        args = p.parse_args(argv)
+        args.run_dir, args.resume = str(run_dir), str(run_dir)
+    # values derived at run time (written to args.json resolved)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else 1e-3 if args.dataset == "cifar100" else 5e-4
+    args.width = args.width or (8 if args.dataset == "cifar100" else 2)
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    for name in ("num_labels", "total_steps", "eval_every", "log_every", "save_every", "batch_size", "mu"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if (args.depth - 4) % 6:
+        fail(f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}")
+    if not 0 <= args.threshold <= 1:
+        fail(f"--threshold is a probability, in [0, 1], got {args.threshold}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda, but CUDA is not available here: use --device cpu")
+    return args
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * model for parameters; BatchNorm buffers copied."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+@torch.no_grad()
+def evaluate(model, x_test, y_test, info, autocast, batch_size=1024):
+    """Top-1 accuracy (%) and mean cross-entropy on the test set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=x_test.device)
+    loss = torch.zeros((), device=x_test.device)
+    for i in range(0, len(x_test), batch_size):
+        x = common.normalize(x_test[i : i + batch_size], info).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y_test[i : i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y_test[i : i + batch_size]).sum()
+    model.train(was_training)
+    acc, loss = (torch.stack([correct, loss]) / len(x_test)).tolist()
+    return 100 * acc, loss
+
+
+MAPPINGS = {  # M: [0, 1] -> [0, 1], increasing, M(0) = 0, M(1) = 1
+    "convex": lambda x: x / (2 - x),  # Eq. (12), the paper's choice
+    "linear": lambda x: x,  # Eq. (7)
+    "concave": lambda x: torch.log1p(x) / math.log(2),  # tllib's concave form
+}
+
+
+@torch.no_grad()
+def class_thresholds(selected_label, num_classes, tau, mapping="convex", warmup=True):
+    """Flexible thresholds T(c) = tau * M(beta(c)), shape (C,), from the marks selected_label (N,)
+    (a class, or -1 for unused): sigma(c) counts the marks equal to c (Eq. 5), beta(c) = sigma(c) /
+    max(max_c sigma, unused) with warm-up (Eq. 11), sigma(c) / max_c sigma without (Eq. 6), and 0
+    where that is 0 / 0 (no mark yet: every threshold is 0). No host sync."""
+    counts = torch.zeros(num_classes + 1, dtype=torch.long, device=selected_label.device)
+    counts.scatter_add_(0, selected_label + 1, torch.ones_like(selected_label))  # [unused, sigma(0), ..., sigma(C-1)]
+    sigma = counts[1:]
+    beta = sigma.float() / (counts.max() if warmup else sigma.max()).clamp(min=1)
+    return tau * MAPPINGS[mapping](beta)
+
+
+@torch.no_grad()
+def mark_confident(selected_label, idx, max_probs, pseudo_label, tau):
+    """Algorithm 1 lines 13-17: the distinct rows idx whose weak-view confidence reaches the FIXED
+    tau are marked with their predicted class; the other marks stay. In place, no host sync."""
+    selected_label[idx] = torch.where(max_probs >= tau, pseudo_label, selected_label[idx])
+
+
+def save_checkpoint(state, path):
+    """Atomic: a crash at any moment leaves the previous checkpoint whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    run_dir = Path(args.run_dir)
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+        fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
+
+    # TRY NOT TO MODIFY: seeding, device, data
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    info = data.info
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
+    prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
+
+    # TRY NOT TO MODIFY: model, EMA, optimizer (no weight decay on BatchNorm and biases), schedule
+    model = common.WideResNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum)
+    model = model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # the evaluated model
+    train_model = torch.compile(model) if args.compile else model
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=args.lr, momentum=args.momentum, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    selected_label = torch.full((len(data.x_unlabeled),), -1, dtype=torch.long, device=device)  # marks u^_n, -1 = unused
+
+    # TRY NOT TO MODIFY: run dir, resume, logging
+    start_step, best_acc, running, n_running = 0, 0.0, {}, 0
+    if args.resume and (run_dir / "checkpoint.pt").is_file():
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        selected_label.copy_(ckpt["selected_label"])
+        start_step, best_acc, n_running = ckpt["step"], ckpt["best_acc"], ckpt["n_running"]
+        running = {k: v.to(device) for k, v in ckpt["running"].items()}
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():  # drop rows logged after the checkpoint we resume from (or all, if none)
+        rows = []
+        for line in metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    writer = None
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(run_dir, purge_step=start_step + 1)
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only", file=sys.stderr)
+
+    def log(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer:
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(k, v, row["step"])
+
+    print(f"{METHOD} | {args.dataset} {args.num_labels} labels | WRN-{args.depth}-{args.width} "
+          f"{sum(p.numel() for p in model.parameters()):,} params | {device} amp={args.amp} | {run_dir}")
+    model.train()
+    t_last, step_last = time.perf_counter(), start_step
+    for step in range(start_step + 1, args.total_steps + 1):
+        # ALGO LOGIC: thresholds from the marks so far; one forward of [labeled weak, unlabeled weak, unlabeled strong]; marks
+        _, x_l, y_l = common.sample_batch(args.batch_size, data.x_labeled, data.y_labeled)
+        idx_u, x_u, y_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled, data.y_unlabeled, replace=False)
+        thresholds = class_thresholds(selected_label, info.num_classes, args.threshold, args.mapping, args.threshold_warmup)  # (C,)
+        x = torch.cat([common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip), common.strong_augment(x_u, flip=info.flip)])
+        with autocast:
+            logits = train_model(prep(x)).float()
+        logits_l, logits_w, logits_s = logits.split([len(x_l), len(x_u), len(x_u)])
+        loss_x = F.cross_entropy(logits_l, y_l)  # Eq. (10)
+        max_probs, pseudo_label = logits_w.detach().softmax(1).max(1)  # hard pseudo labels from the weak view
+        mask = (max_probs >= thresholds[pseudo_label]).float()  # the flexible threshold of the predicted class
+        loss_u = (F.cross_entropy(logits_s, pseudo_label, reduction="none") * mask).mean()  # Eq. (8): mean over all mu B
+        loss = loss_x + args.unsup_weight * loss_u  # Eq. (9)
+        mark_confident(selected_label, idx_u, max_probs, pseudo_label, args.threshold)  # after the thresholds: Algorithm 1
+        known = mask * (y_u >= 0)  # masked samples whose label is known (for logging only)
+        stats = {"losses/total": loss, "losses/sup": loss_x, "losses/unsup": loss_u, "train/mask_ratio": mask.mean(),
+                 "train/pseudo_acc": (known * (pseudo_label == y_u)).sum() / known.sum().clamp(min=1),
+                 "train/threshold_mean": thresholds.mean(), "train/unused_ratio": (selected_label < 0).float().mean()}
+
+        # TRY NOT TO MODIFY: optimizer step, EMA, device-side metric sums (no host sync)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        ema_update(ema_model, model, min(args.ema_decay, 1 - 1 / (step + 1)))
+        for k, v in stats.items():
+            running[k] = running.get(k, 0) + v.detach().float()
+        n_running += 1
+
+        # TRY NOT TO MODIFY: log, evaluate, checkpoint
+        last = step == args.total_steps
+        if step % args.log_every == 0 or last:
+            means = dict(zip(running, (torch.stack(list(running.values())) / n_running).tolist()))  # the one host sync per log interval
+            its = (step - step_last) / (time.perf_counter() - t_last)
+            lr = scheduler.get_last_lr()[0]
+            log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
+            running, n_running = {}, 0
+            eta = time.strftime("%H:%M:%S", time.gmtime((args.total_steps - step) / its))
+            print(f"step {step:>7}/{args.total_steps} | " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
+                  + f" | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
+        if step % args.eval_every == 0 or last:
+            acc, loss_eval = evaluate(ema_model, data.x_test, data.y_test, info, autocast)
+            acc_raw, _ = evaluate(model, data.x_test, data.y_test, info, autocast)
+            best_acc = max(best_acc, acc)
+            log({"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw, "eval/best_acc": best_acc})
+            print(f"step {step:>7} | eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f}) | loss {loss_eval:.4f}", flush=True)
+        if step % args.save_every == 0 or last:
+            save_checkpoint({"step": step, "args": vars(args), "model": model.state_dict(), "ema_model": ema_model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "selected_label": selected_label,
+                             "best_acc": best_acc, "running": running, "n_running": n_running, "rng_cpu": torch.get_rng_state(),
+                             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, run_dir / "checkpoint.pt")
+        if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
+            t_last, step_last = time.perf_counter(), step  # it/s excludes evaluation and saving
+    if writer:
+        writer.close()

@@ -1,0 +1,164 @@
+"""dst.py: the gradient reversal layer, its warm start, the worst-case loss, which head learns from what,
+and which head is evaluated."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import dst
+from scriptrun import TINY, rows, run_inprocess
+
+FAST = [*TINY, "--mu", "1"]  # one unlabeled image per labeled one: the strong augmentation dominates a CPU step
+
+
+def tiny_net(seed=0):
+    torch.manual_seed(seed)
+    return dst.DSTNet(10, depth=10, width=1, in_channels=1, bn_momentum=0.1, head_width=32)
+
+
+def test_reversal_layer_multiplies_the_gradient_by_minus_coeff():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, requires_grad=True)
+    w = torch.randn(5, 3)
+    coeff = torch.tensor(0.37)
+    y = dst.GradReverse.apply(x, coeff)
+    assert torch.equal(y, x)  # the identity forward
+    (y * w).sum().backward()
+    assert torch.allclose(x.grad, -0.37 * w)  # d/dx sum(x * w) = w, reversed and scaled
+    x.grad = None
+    (dst.GradReverse.apply(x, torch.tensor(0.0)) * w).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(w))  # lambda = lo = 0 on the first step: no feature gradient
+
+
+def test_coefficient_schedule_endpoints():
+    # 2 / (1 + exp(-t)) - 1 = tanh(t / 2): lambda_k = lo + (hi - lo) tanh(alpha k / (2 N))
+    assert dst.grl_coefficient(0, 1000, 0.0, 0.1, 1.0) == 0.0
+    assert dst.grl_coefficient(0, 1000, 0.02, 0.1, 1.0) == pytest.approx(0.02)
+    assert dst.grl_coefficient(1000, 1000, 0.0, 0.1, 1.0) == pytest.approx(0.1 * math.tanh(0.5))  # 0.046 at k = N
+    assert dst.grl_coefficient(10_000, 1000, 0.0, 0.1, 1.0) == pytest.approx(0.1 * math.tanh(5))  # k = K = 10 N
+    assert 0.1 - dst.grl_coefficient(10_000, 1000, 0.0, 0.1, 1.0) < 1e-5
+    assert dst.grl_coefficient(10**9, 1000, 0.0, 0.1, 1.0) == pytest.approx(0.1)
+    assert dst.grl_coefficient(500, 1000, 0.02, 0.1, 3.0) == pytest.approx(0.02 + 0.08 * math.tanh(0.75))
+    assert dst.grl_coefficient(0, 0, 0.0, 0.1, 1.0) == 0.1  # no warm start asked for
+
+
+def test_worst_case_loss_equals_its_formula():
+    logits_l = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2]])  # h predicts 0, 1
+    worst_l = torch.tensor([[0.3, -0.2, 1.1], [1.5, 0.0, -0.7]])
+    logits_u = torch.tensor([[0.0, 0.0, 3.0], [1.0, -2.0, 0.5], [-1.0, 4.0, 0.0]])  # h predicts 2, 0, 1
+    worst_u = torch.tensor([[0.2, 0.4, 2.5], [-0.3, 0.8, 0.1], [1.2, 1.0, -0.5]])
+
+    def softmax(row):
+        e = [math.exp(v) for v in row]
+        return [v / sum(e) for v in e]
+
+    eta_prime = 2.0
+    labeled = sum(-math.log(softmax(w)[k]) for w, k in zip(worst_l.tolist(), [0, 1])) / 2
+    unlabeled = sum(-math.log(1 - softmax(w)[k]) for w, k in zip(worst_u.tolist(), [2, 0, 1])) / 3
+    loss = dst.worst_case_loss(logits_l, worst_l, logits_u, worst_u, eta_prime)
+    assert loss.item() == pytest.approx(eta_prime * labeled + unlabeled, rel=1e-6)
+
+
+def test_worst_case_loss_stays_finite_where_the_naive_form_overflows():
+    """p_y rounds to 1 in fp32: -log(1 - p_y) is inf there, the exact value is 100 - log 2."""
+    logits_u = torch.tensor([[5.0, 0.0, 0.0]])
+    worst_u = torch.tensor([[100.0, 0.0, 0.0]], requires_grad=True)
+    assert torch.isinf(-torch.log(1 - worst_u.softmax(1)[0, 0]))
+    loss = dst.worst_case_loss(torch.zeros(1, 3), torch.zeros(1, 3), logits_u, worst_u, 0.0)  # eta' 0: no labeled term
+    assert loss.item() == pytest.approx(100 - math.log(2), rel=1e-6)
+    loss.backward()
+    # d/dz of log(sum exp z) - log(sum_{j != y} exp z_j): p - q, q the softmax over the other classes
+    assert torch.allclose(worst_u.grad, torch.tensor([[1.0, -0.5, -0.5]]), atol=1e-6)
+
+
+def test_main_head_gets_no_gradient_from_the_pseudo_and_worst_losses():
+    net = tiny_net().train()
+    x = torch.randn(12, 1, 28, 28)
+    logits, logits_p, logits_w = net(x, torch.tensor(0.1))
+    confidence, pseudo = logits[4:8].detach().softmax(1).max(1)  # as dst.py: 4 labeled, 4 weak, 4 strong rows
+    loss_p = F.cross_entropy(logits_p[8:], pseudo)
+    loss_w = dst.worst_case_loss(logits[:4], logits_w[:4], logits[4:8], logits_w[4:8], 2.0)
+    head = [net.fc.weight, net.fc.bias]
+    for loss in (loss_p, loss_w):
+        grads = torch.autograd.grad(loss, [*head, net.conv1.weight], retain_graph=True, allow_unused=True)
+        assert all(g is None or not g.any() for g in grads[:2])  # h: nothing
+        assert grads[2] is not None and grads[2].abs().sum() > 0  # psi: something
+    grads = torch.autograd.grad(F.cross_entropy(logits[:4], torch.arange(4)), head)
+    assert all(g.abs().sum() > 0 for g in grads)  # h learns from the labeled loss
+
+
+def test_evaluation_uses_the_main_head_only():
+    net = tiny_net().eval()
+    info = common.DATASETS["fashion_mnist"]
+    torch.manual_seed(1)
+    x_test = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = net.fc(net.features(common.normalize(x_test, info)))
+    y_test = torch.arange(20) % 10
+    y_test[:10] = logits[:10].argmax(1)  # the first half right by construction, the second half right by chance
+    expected = 100 * (logits.argmax(1) == y_test).float().mean().item()
+    assert expected >= 50
+    off = torch.autocast("cpu", enabled=False)
+    acc, loss = dst.evaluate(net, x_test, y_test, info, off)
+    assert acc == pytest.approx(expected) and loss == pytest.approx(F.cross_entropy(logits, y_test).item(), rel=1e-5)
+    with torch.no_grad():  # heads that evaluate() would read if it used them
+        for p in [*net.pseudo_head.parameters(), *net.worst_head.parameters()]:
+            p.normal_()
+    assert dst.evaluate(net, x_test, y_test, info, off) == (acc, loss)
+    with torch.no_grad():
+        net.fc.weight.neg_()
+    assert dst.evaluate(net, x_test, y_test, info, off)[0] != acc
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """In-process runs, identical but for the pseudo and worst-case weights: one step with every
+    pseudo label admitted and the reversal on from the start, and two steps with the defaults."""
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, extra in {"one_on": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05],
+                            "one_off": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05,
+                                        "--pseudo-weight", 0, "--worst-weight", 0],
+                            "two_on": ["--total-steps", 2],
+                            "two_off": ["--total-steps", 2, "--pseudo-weight", 0, "--worst-weight", 0]}.items():
+            out[name] = run_inprocess("dst.py", *FAST, "--data-dir", data_dir, *extra,
+                                      "--run-dir", tmp_path_factory.mktemp(name), monkeypatch=mp)
+    return out
+
+
+def test_pseudo_and_worst_losses_train_the_backbone_and_heads_but_not_h(runs):
+    """Same seed, same batches, same forward: the weights change only the backward. After one step
+    h's gradient and weights are bit-identical, the backbone's and both MLP heads' are not."""
+    on, off = runs["one_on"]["model"], runs["one_off"]["model"]
+    assert runs["one_on"]["loss_p"] > 0 and runs["one_on"]["loss_w"] > 0
+    assert torch.equal(on.fc.weight.grad, off.fc.weight.grad) and torch.equal(on.fc.bias.grad, off.fc.bias.grad)
+    assert torch.equal(on.fc.weight, off.fc.weight)
+    assert not torch.equal(on.conv1.weight.grad, off.conv1.weight.grad)
+    assert not torch.equal(on.conv1.weight, off.conv1.weight)
+    for head in ("pseudo_head", "worst_head"):
+        assert getattr(on, head)[0].weight.grad.abs().sum() > 0
+        assert not getattr(off, head)[0].weight.grad.any()  # weight 0: only weight decay moves it
+
+
+def test_defaults_change_the_backbone(runs):
+    """Step 1: lambda = lo = 0 and no pseudo label passes tau at init; step 2: lambda ~ 0.1, so the
+    worst-case loss must reach the backbone."""
+    on, off = runs["two_on"]["model"], runs["two_off"]["model"]
+    assert not torch.equal(on.conv1.weight, off.conv1.weight)
+    assert not torch.equal(on.blocks[0].conv1.weight, off.blocks[0].conv1.weight)
+
+
+def test_logged_coefficient_and_pseudo_label_accuracy(runs):
+    # two steps, N = 0.1 * 2: k = 0 then 1, logged as their mean
+    row = next(r for r in rows(runs["two_on"]["run_dir"]) if "train/grl_coeff" in r)
+    assert row["train/grl_coeff"] == pytest.approx((0 + 0.1 * math.tanh(1 / (2 * 0.2))) / 2, rel=1e-6)
+    assert {"losses/pseudo", "losses/worst", "train/mask_ratio", "train/pseudo_acc"} <= row.keys()
+    g = runs["one_on"]  # tau = 0: every pseudo label admitted
+    assert g["stats"]["train/mask_ratio"].item() == 1.0
+    known = g["y_u"] >= 0
+    assert known.all()  # Fashion-MNIST: every unlabeled image has its label
+    expected = (g["pseudo"] == g["y_u"]).float().mean()
+    assert g["stats"]["train/pseudo_acc"].item() == pytest.approx(expected.item())

@@ -1,0 +1,320 @@
+"""UDA (Xie et al., "Unsupervised Data Augmentation for Consistency Training", NeurIPS 2020): the
+prediction on a strongly augmented view must match the sharpened prediction on a weak view.
+
+Each step draws a labeled batch {(x_b, y_b)} of size B and an unlabeled batch {u_i} of size mu*B
+(the unlabeled set is the whole training set). With a(.) the weak augmentation (crop, flip), A(.)
+the strong one (weak + RandAugment + Cutout), z(.) the logits and p(.) = softmax(z(.)), the paper's
+full objective (Eq. (1), with its confidence-based masking and prediction sharpening) is
+    L = 1/B sum_b CE(y_b, p(a(x_b)))                                            (1) supervised term
+      + lambda * 1/(mu B) sum_i m_i CE(q_i, p(A(u_i)))                          (1) consistency term
+    q_i = softmax(z(a(u_i)) / T)     sharpened target, a constant: no gradient flows into it
+    m_i = 1[max_c p_c(a(u_i)) >= beta]   confidence mask, on the UNSHARPENED probabilities
+With Training Signal Annealing (TSA, optional) the supervised term keeps only the labeled examples
+whose probability of the true class is at most eta_t, C the class count, t the step:
+    eta_t = alpha_t (1 - 1/C) + 1/C,
+    alpha_t = t/K (linear), 1 - exp(-5 t/K) (log), exp(5 (t/K - 1)) (exp)
+    L_sup = 1/Z sum_b 1[p_{y_b}(a(x_b)) <= eta_t] CE(y_b, p(a(x_b))),  Z = max(1, examples kept)
+
+Recipe: the classic CV protocol of supervised.py (METHODS.md section 0), mu 7, lambda 1, T 0.4,
+beta 0.8, no TSA (TorchSSL's CIFAR / SVHN / STL-10 configs; the official CIFAR-10 script leaves
+sharpening, masking and TSA off, the paper uses them on ImageNet and text).
+
+Choices, where the references differ or are silent:
+    - Consistency as the cross-entropy CE(q, p(A(u))) (the NeurIPS paper's Eq. (1), TorchSSL's
+      default) rather than the KL divergence of the official code: the target is a constant, so the
+      two differ by its entropy H(q) only and have the same gradient; the logged losses/unsup is
+      the cross-entropy (it does not go to 0 when the views agree).
+    - The temperature sharpens the target only; the strong-view logits are not divided by T (tllib
+      divides the student's logits by T instead, which is a different loss).
+    - The consistency term is averaged over ALL mu*B unlabeled samples, masked ones counting as 0
+      (official code and TorchSSL), not over the kept ones: lambda then scales with the mask ratio.
+    - The mask keeps max probability >= beta (TorchSSL's ge); the official code keeps > beta. They
+      differ only on exact ties.
+    - TSA: the paper's and official code's form: the probability of the TRUE class is thresholded
+      and the kept examples are averaged (divided by their count Z, at least 1). TorchSSL instead
+      thresholds the largest probability and divides by B, so its supervised signal shrinks as
+      examples drop out. t is the optimizer step, 1..K.
+    - BatchNorm: ONE forward of the concatenated [weak labeled, weak unlabeled, strong unlabeled]
+      batch (B + 2 mu B images), as the official code and TorchSSL: the target comes from the same
+      train-mode forward as the prediction it supervises.
+    - Batches are drawn uniformly with replacement from the device-resident set each step
+      (common.sample_batch), not by epochs: no host sync, and resuming needs only the RNG state.
+    - EMA decay min(ema_decay, 1 - 1/(k+1)) at step k (Mean Teacher's form): the EMA is the true
+      average of the weights early on instead of staying near the random init for ~1/(1-decay)
+      steps (TorchSSL uses the constant 0.999 from step 0). Parameters are averaged, BatchNorm
+      running statistics copied from the trained model (an EMA whose BN stays at init is broken).
+    - Mixed precision: bf16 autocast by default on CUDA (no GradScaler needed), fp16 with a
+      GradScaler on request, fp32 on CPU by default. Losses are computed in fp32.
+    - A run is resumable from any kill: checkpoints are written atomically, the log rows written
+      after the last checkpoint are dropped on resume, and the RNG states travel in the checkpoint.
+
+Usage:
+    python uda.py --dataset cifar10 --num-labels 4000
+    python uda.py --dataset cifar10 --num-labels 4000 --tsa linear  # with training signal annealing
+    python uda.py --resume runs/<run dir>                           # continue exactly where it stopped
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import common
+
+METHOD = Path(__file__).stem
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit code 2, nothing written."""
+    print(f"{METHOD}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.error = fail  # argparse would print the usage block too: keep errors to one line
+    # generic: data, budget, optimisation, network, hardware, output
+    p.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS), help="dataset")
+    p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--num-labels", type=int, default=4000, help="labeled examples, class-balanced")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
+    p.add_argument("--total-steps", type=int, default=2**20, help="optimizer steps K")
+    p.add_argument("--eval-every", type=int, default=5000, help="evaluate every this many steps")
+    p.add_argument("--log-every", type=int, default=100, help="log training metrics every this many steps")
+    p.add_argument("--save-every", type=int, default=5000, help="checkpoint every this many steps (the last step always saves)")
+    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B")
+    p.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * B")
+    p.add_argument("--lr", type=float, default=0.03, help="initial learning rate")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4, 1e-3 on cifar100")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD (nesterov) momentum")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the evaluated EMA model")
+    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
+    p.add_argument("--width", type=int, default=None, help="WideResNet width, default 2, 8 on cifar100")
+    p.add_argument("--bn-momentum", type=float, default=0.001, help="BatchNorm momentum (short runs need ~0.1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="autocast dtype, default bf16 on cuda, none on cpu")
+    p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
+    p.add_argument("--run-dir", default=None, help="output folder, default runs/<dataset>_<method>_<labels>_<seed>_<time>")
+    p.add_argument("--resume", default=None, help="run dir (or its checkpoint.pt) to continue exactly; its args.json supplies the arguments")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    # algorithm specific
+    p.add_argument("--unsup-weight", type=float, default=1.0, help="lambda, the weight of the consistency term")
+    p.add_argument("--temperature", type=float, default=0.4, help="T: the target is softmax(weak-view logits / T)")
+    p.add_argument("--threshold", type=float, default=0.8, help="beta: unlabeled samples count if max softmax(weak-view logits) >= beta")
+    p.add_argument("--tsa", choices=["none", "linear", "log", "exp"], default="none", help="training signal annealing schedule on the supervised term")
+    args = p.parse_args(argv)
+    if args.resume:  # the saved arguments become the defaults; flags given now still override them
+        run_dir = Path(args.resume).parent if Path(args.resume).is_file() else Path(args.resume)
+        if not (run_dir / "args.json").is_file():
+            fail(f"--resume {args.resume}: no args.json there, so it is not a run dir")
+        p.set_defaults(**json.loads((run_dir / "args.json").read_text()))
+        args = p.parse_args(argv)
+        args.run_dir, args.resume = str(run_dir), str(run_dir)
+    # values derived at run time (written to args.json resolved)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else 1e-3 if args.dataset == "cifar100" else 5e-4
+    args.width = args.width or (8 if args.dataset == "cifar100" else 2)
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    for name in ("num_labels", "total_steps", "eval_every", "log_every", "save_every", "batch_size", "mu"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        fail(f"--temperature must be positive, got {args.temperature}")
+    if (args.depth - 4) % 6:
+        fail(f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda, but CUDA is not available here: use --device cpu")
+    return args
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * model for parameters; BatchNorm buffers copied."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+@torch.no_grad()
+def evaluate(model, x_test, y_test, info, autocast, batch_size=1024):
+    """Top-1 accuracy (%) and mean cross-entropy on the test set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=x_test.device)
+    loss = torch.zeros((), device=x_test.device)
+    for i in range(0, len(x_test), batch_size):
+        x = common.normalize(x_test[i : i + batch_size], info).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y_test[i : i + batch_size], reduction="sum")
+        correct += (logits.argmax(1) == y_test[i : i + batch_size]).sum()
+    model.train(was_training)
+    acc, loss = (torch.stack([correct, loss]) / len(x_test)).tolist()
+    return 100 * acc, loss
+
+
+def tsa_threshold(schedule, step, total_steps, num_classes):
+    """eta_t = alpha_t (1 - 1/C) + 1/C: labeled examples whose true-class probability exceeds it
+    leave the supervised term. 1 (nothing left out) without TSA."""
+    if schedule == "none":
+        return 1.0
+    r = min(step / total_steps, 1.0)
+    alpha = {"linear": r, "log": 1 - math.exp(-5 * r), "exp": math.exp(5 * (r - 1))}[schedule]
+    return alpha * (1 - 1 / num_classes) + 1 / num_classes
+
+
+def save_checkpoint(state, path):
+    """Atomic: a crash at any moment leaves the previous checkpoint whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    run_dir = Path(args.run_dir)
+    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+        fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
+
+    # TRY NOT TO MODIFY: seeding, device, data
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    info = data.info
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
+    prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
+
+    # TRY NOT TO MODIFY: model, EMA, optimizer (no weight decay on BatchNorm and biases), schedule
+    model = common.WideResNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum)
+    model = model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # the evaluated model
+    train_model = torch.compile(model) if args.compile else model
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=args.lr, momentum=args.momentum, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps)))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    # TRY NOT TO MODIFY: run dir, resume, logging
+    start_step, best_acc, running, n_running = 0, 0.0, {}, 0
+    if args.resume and (run_dir / "checkpoint.pt").is_file():
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_step, best_acc, n_running = ckpt["step"], ckpt["best_acc"], ckpt["n_running"]
+        running = {k: v.to(device) for k, v in ckpt["running"].items()}
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():  # drop rows logged after the checkpoint we resume from (or all, if none)
+        rows = []
+        for line in metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    writer = None
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(run_dir, purge_step=start_step + 1)
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only", file=sys.stderr)
+
+    def log(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer:
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(k, v, row["step"])
+
+    print(f"{METHOD} | {args.dataset} {args.num_labels} labels | WRN-{args.depth}-{args.width} "
+          f"{sum(p.numel() for p in model.parameters()):,} params | {device} amp={args.amp} | {run_dir}")
+    model.train()
+    t_last, step_last = time.perf_counter(), start_step
+    for step in range(start_step + 1, args.total_steps + 1):
+        # ALGO LOGIC: one forward of [weak labeled, weak unlabeled, strong unlabeled]
+        _, x_l, y_l = common.sample_batch(args.batch_size, data.x_labeled, data.y_labeled)
+        _, x_u, y_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled, data.y_unlabeled)  # y_u: logging only
+        x = torch.cat([common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip), common.strong_augment(x_u, flip=info.flip)])
+        with autocast:
+            logits = train_model(prep(x)).float()  # (B + 2 mu B, C)
+        logits_l, logits_weak, logits_strong = logits.split([len(x_l), len(x_u), len(x_u)])
+        eta_t = tsa_threshold(args.tsa, step, args.total_steps, info.num_classes)  # TSA
+        kept = (logits_l.detach().softmax(1).gather(1, y_l[:, None]).squeeze(1) <= eta_t).float()  # (B,)
+        loss_x = (F.cross_entropy(logits_l, y_l, reduction="none") * kept).sum() / kept.sum().clamp(min=1)  # Eq. (1), supervised, with TSA
+        probs_weak = logits_weak.detach().softmax(1)  # unsharpened: decides the mask
+        confidence, pseudo_label = probs_weak.max(1)
+        mask = (confidence >= args.threshold).float()  # (mu B,)
+        target = (logits_weak.detach() / args.temperature).softmax(1)  # sharpened, a constant
+        loss_u = (F.cross_entropy(logits_strong, target, reduction="none") * mask).mean()  # Eq. (1), consistency: over all mu B
+        loss = loss_x + args.unsup_weight * loss_u
+        known = mask * (y_u >= 0)  # masked samples whose label is known
+        stats = {"losses/total": loss, "losses/sup": loss_x, "losses/unsup": loss_u, "train/mask_ratio": mask.mean(),
+                 "train/pseudo_acc": ((pseudo_label == y_u) * known).sum() / known.sum().clamp(min=1)}
+        if args.tsa != "none":
+            stats |= {"train/tsa_threshold": torch.full_like(loss, eta_t), "train/tsa_kept": kept.mean()}
+
+        # TRY NOT TO MODIFY: optimizer step, EMA, device-side metric sums (no host sync)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        ema_update(ema_model, model, min(args.ema_decay, 1 - 1 / (step + 1)))
+        for k, v in stats.items():
+            running[k] = running.get(k, 0) + v.detach().float()
+        n_running += 1
+
+        # TRY NOT TO MODIFY: log, evaluate, checkpoint
+        last = step == args.total_steps
+        if step % args.log_every == 0 or last:
+            means = dict(zip(running, (torch.stack(list(running.values())) / n_running).tolist()))  # the one host sync per log interval
+            its = (step - step_last) / (time.perf_counter() - t_last)
+            lr = scheduler.get_last_lr()[0]
+            log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
+            running, n_running = {}, 0
+            eta = time.strftime("%H:%M:%S", time.gmtime((args.total_steps - step) / its))
+            print(f"step {step:>7}/{args.total_steps} | " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
+                  + f" | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
+        if step % args.eval_every == 0 or last:
+            acc, loss_eval = evaluate(ema_model, data.x_test, data.y_test, info, autocast)
+            acc_raw, _ = evaluate(model, data.x_test, data.y_test, info, autocast)
+            best_acc = max(best_acc, acc)
+            log({"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw, "eval/best_acc": best_acc})
+            print(f"step {step:>7} | eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f}) | loss {loss_eval:.4f}", flush=True)
+        if step % args.save_every == 0 or last:
+            save_checkpoint({"step": step, "args": vars(args), "model": model.state_dict(), "ema_model": ema_model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "best_acc": best_acc, "running": running, "n_running": n_running, "rng_cpu": torch.get_rng_state(),
+                             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, run_dir / "checkpoint.pt")
+        if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
+            t_last, step_last = time.perf_counter(), step  # it/s excludes evaluation and saving
+    if writer:
+        writer.close()
