@@ -7,6 +7,7 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -25,10 +26,10 @@ def run(script, *args, check=True):
     return proc
 
 
-def run_inprocess(script, *args, monkeypatch):
+def run_inprocess(script, *args):
     """The script as __main__ in this process; returns its globals (model, ema_model, ...)."""
-    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    return runpy.run_path(str(ROOT / script), run_name="__main__")
+    with mock.patch.object(sys, "argv", [script, *map(str, args)]):
+        return runpy.run_path(str(ROOT / script), run_name="__main__")
 
 
 def rows(run_dir):

@@ -118,14 +118,13 @@ def runs(data_dir, tmp_path_factory):
     """In-process runs, identical but for the pseudo and worst-case weights: one step with every
     pseudo label admitted and the reversal on from the start, and two steps with the defaults."""
     out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for name, extra in {"one_on": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05],
-                            "one_off": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05,
-                                        "--pseudo-weight", 0, "--worst-weight", 0],
-                            "two_on": ["--total-steps", 2],
-                            "two_off": ["--total-steps", 2, "--pseudo-weight", 0, "--worst-weight", 0]}.items():
-            out[name] = run_inprocess("dst.py", *FAST, "--data-dir", data_dir, *extra,
-                                      "--run-dir", tmp_path_factory.mktemp(name), monkeypatch=mp)
+    for name, extra in {"one_on": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05],
+                        "one_off": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05,
+                                    "--pseudo-weight", 0, "--worst-weight", 0],
+                        "two_on": ["--total-steps", 2],
+                        "two_off": ["--total-steps", 2, "--pseudo-weight", 0, "--worst-weight", 0]}.items():
+        out[name] = run_inprocess("dst.py", *FAST, "--data-dir", data_dir, *extra,
+                                  "--run-dir", tmp_path_factory.mktemp(name))
     return out
 
 

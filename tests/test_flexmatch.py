@@ -70,12 +70,11 @@ def runs(data_dir, tmp_path_factory):
     """Two 6-step runs in this process, identical but for the unlabeled weight, with a tau low
     enough that a barely trained network marks samples."""
     out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for w in (0, 1):
-            run_dir = tmp_path_factory.mktemp(f"flex{w}")
-            args = [*TINY, "--data-dir", data_dir, "--total-steps", 6, "--mu", 2, "--threshold", 0.2, "--log-every", 1,
-                    "--run-dir", run_dir]
-            out[w] = run_inprocess("flexmatch.py", *args, "--unsup-weight", w, monkeypatch=mp), run_dir, args
+    for w in (0, 1):
+        run_dir = tmp_path_factory.mktemp(f"flex{w}")
+        args = [*TINY, "--data-dir", data_dir, "--total-steps", 6, "--mu", 2, "--threshold", 0.2, "--log-every", 1,
+                "--run-dir", run_dir]
+        out[w] = run_inprocess("flexmatch.py", *args, "--unsup-weight", w), run_dir, args
     return out
 
 
@@ -108,9 +107,9 @@ def test_marks_in_a_real_run_and_its_checkpoint(runs):
     assert last["train/threshold_mean"] > 0  # the marks moved the thresholds off zero
 
 
-def test_resume_restores_the_marks(runs, monkeypatch):
+def test_resume_restores_the_marks(runs):
     _, run_dir, args = runs[1]
     saved = checkpoint(run_dir)["selected_label"]
     assert (saved >= 0).any()  # not the fresh all -1 state
-    g = run_inprocess("flexmatch.py", *args, "--unsup-weight", 1, "--resume", run_dir, monkeypatch=monkeypatch)  # nothing left to run
+    g = run_inprocess("flexmatch.py", *args, "--unsup-weight", 1, "--resume", run_dir)  # nothing left to run
     assert torch.equal(g["selected_label"], saved)

@@ -14,10 +14,9 @@ from scriptrun import TINY, run_inprocess
 def runs(data_dir, tmp_path_factory):
     """Two 3-step runs in this process, identical but for the consistency weight."""
     out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for w in (0, 100):
-            out[w] = run_inprocess("mean_teacher.py", *TINY, "--data-dir", data_dir, "--total-steps", 3, "--ramp-up", 0,
-                                   "--unsup-weight", w, "--run-dir", tmp_path_factory.mktemp(f"mt{w}"), monkeypatch=mp)
+    for w in (0, 100):
+        out[w] = run_inprocess("mean_teacher.py", *TINY, "--data-dir", data_dir, "--total-steps", 3, "--ramp-up", 0,
+                               "--unsup-weight", w, "--run-dir", tmp_path_factory.mktemp(f"mt{w}"))
     return out
 
 

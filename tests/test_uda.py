@@ -22,14 +22,13 @@ def runs(data_dir, tmp_path_factory):
     init). on: the same step with it, the threshold between two middle confidences of the probe's
     weak view, so that part of the unlabeled batch passes and sharpening would let more through."""
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 1]
-    with pytest.MonkeyPatch.context() as mp:
-        probe_dir = tmp_path_factory.mktemp("probe")
-        probe = run_inprocess("uda.py", *args, "--unsup-weight", 0, "--run-dir", probe_dir, monkeypatch=mp)
-        confidence = probe["logits_weak"].detach().softmax(1).max(1).values.sort().values
-        mid = len(confidence) // 2
-        threshold = (confidence[mid - 1] + confidence[mid]).item() / 2
-        on_dir = tmp_path_factory.mktemp("on")
-        on = run_inprocess("uda.py", *args, "--unsup-weight", 1, "--threshold", threshold, "--run-dir", on_dir, monkeypatch=mp)
+    probe_dir = tmp_path_factory.mktemp("probe")
+    probe = run_inprocess("uda.py", *args, "--unsup-weight", 0, "--run-dir", probe_dir)
+    confidence = probe["logits_weak"].detach().softmax(1).max(1).values.sort().values
+    mid = len(confidence) // 2
+    threshold = (confidence[mid - 1] + confidence[mid]).item() / 2
+    on_dir = tmp_path_factory.mktemp("on")
+    on = run_inprocess("uda.py", *args, "--unsup-weight", 1, "--threshold", threshold, "--run-dir", on_dir)
     return {"probe": probe, "on": on, "threshold": threshold, "probe_dir": probe_dir, "on_dir": on_dir}
 
 
@@ -119,7 +118,7 @@ def probe_supervised(runs):
     return logits_l.softmax(1).gather(1, y_l[:, None]).squeeze(1), F.cross_entropy(logits_l, y_l, reduction="none")
 
 
-def test_tsa_leaves_out_confident_examples(runs, data_dir, tmp_path, monkeypatch):
+def test_tsa_leaves_out_confident_examples(runs, data_dir, tmp_path):
     """--tsa exp with the shortest K whose eta_1 falls under the largest true-class probability of
     step 1: the examples above eta_1 leave the supervised term, which is the mean of the others."""
     import uda
@@ -131,7 +130,7 @@ def test_tsa_leaves_out_confident_examples(runs, data_dir, tmp_path, monkeypatch
     kept = (p_true <= eta_1).float()
     assert 0 < kept.sum() < len(kept)
     run_inprocess("uda.py", *TINY, "--data-dir", data_dir, "--total-steps", K, "--log-every", 1, "--tsa", "exp",
-                  "--run-dir", tmp_path, monkeypatch=monkeypatch)
+                  "--run-dir", tmp_path)
     first = rows(tmp_path)[0]
     assert first["step"] == 1
     assert first["train/tsa_threshold"] == pytest.approx(eta_1, rel=1e-6)
@@ -141,13 +140,13 @@ def test_tsa_leaves_out_confident_examples(runs, data_dir, tmp_path, monkeypatch
         assert first["losses/sup"] != pytest.approx(wrong.item(), rel=1e-3)
 
 
-def test_tsa_linear_end_to_end(runs, data_dir, tmp_path, monkeypatch):
+def test_tsa_linear_end_to_end(runs, data_dir, tmp_path):
     """Two steps of --tsa linear: eta = 0.55 then 1 (everything kept: the plain mean at step 1), logged
     each step, and the run evaluates and saves as any other."""
     p_true, ce = probe_supervised(runs)
     assert p_true.max() < 0.55
     g = run_inprocess("uda.py", *TINY, "--data-dir", data_dir, "--total-steps", 2, "--log-every", 1, "--tsa", "linear",
-                      "--run-dir", tmp_path, monkeypatch=monkeypatch)
+                      "--run-dir", tmp_path)
     log = rows(tmp_path)
     train = [r for r in log if "losses/sup" in r]
     assert [(r["step"], r["train/tsa_threshold"]) for r in train] == [(1, pytest.approx(0.55)), (2, pytest.approx(1.0))]
