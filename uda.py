@@ -33,7 +33,8 @@ Choices, where the references differ or are silent:
     - TSA: the paper's and official code's form: the probability of the TRUE class is thresholded
       and the kept examples are averaged (divided by their count Z, at least 1). TorchSSL instead
       thresholds the largest probability and divides by B, so its supervised signal shrinks as
-      examples drop out. t is the optimizer step, 1..K.
+      examples drop out. t is the optimizer step, 1..K. Under torchrun each rank averages its own
+      kept examples and DDP averages the ranks (a mean of per-rank means, not one global mean).
     - BatchNorm: ONE forward of the concatenated [weak labeled, weak unlabeled, strong unlabeled]
       batch (B + 2 mu B images), as the official code and TorchSSL: the target comes from the same
       train-mode forward as the prediction it supervises.
@@ -47,11 +48,14 @@ Choices, where the references differ or are silent:
       GradScaler on request, fp32 on CPU by default. Losses are computed in fp32.
     - A run is resumable from any kill: checkpoints are written atomically, the log rows written
       after the last checkpoint are dropped on resume, and the RNG states travel in the checkpoint.
+    - Under torchrun (README, Multi-GPU): DDP averages the gradients, --batch-size is per process, every
+      rank draws its own batches (seed + rank), log rows average all ranks, rank 0 alone writes.
 
 Usage:
     python uda.py --dataset cifar10 --num-labels 4000
     python uda.py --dataset cifar10 --num-labels 4000 --tsa linear  # with training signal annealing
     python uda.py --resume runs/<run dir>                           # continue exactly where it stopped
+    torchrun --nproc_per_node=4 uda.py --batch-size 16              # 4 GPUs, global labeled batch 4 x 16 = 64
 """
 
 import argparse
@@ -64,6 +68,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
@@ -101,6 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="autocast dtype, default bf16 on cuda, none on cpu")
     p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm batch statistics over all processes (CUDA only)")
     p.add_argument("--run-dir", default=None, help="output folder, default runs/<dataset>_<method>_<labels>_<seed>_<time>")
     p.add_argument("--resume", default=None, help="run dir (or its checkpoint.pt) to continue exactly; its args.json supplies the arguments")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
@@ -131,6 +137,8 @@ def parse_args(argv=None):
         fail(f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda, but CUDA is not available here: use --device cpu")
+    if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: torch's SyncBatchNorm has no CPU kernel
+        fail("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only): drop --sync-bn")
     return args
 
 
@@ -182,13 +190,23 @@ def save_checkpoint(state, path):
 
 if __name__ == "__main__":
     args = parse_args()
+    # DISTRIBUTED: under torchrun (WORLD_SIZE > 1) one process per device, NCCL on CUDA, gloo on CPU; a plain run is rank 0 of 1
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if world > 1 and args.device.startswith("cuda") else torch.device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.broadcast_object_list(shared := [args.run_dir])  # the default run dir holds the time: rank 0's for every rank
+        args.run_dir = shared[0]
+        if rank > 0:
+            sys.stdout = open(os.devnull, "w")  # only rank 0 prints
     run_dir = Path(args.run_dir)
     if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
         fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
 
     # TRY NOT TO MODIFY: seeding, device, data
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
     try:
@@ -201,15 +219,20 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: model, EMA, optimizer (no weight decay on BatchNorm and biases), schedule
     model = common.WideResNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn else model  # DISTRIBUTED: BatchNorm over all ranks
     model = model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # the evaluated model
     train_model = torch.compile(model) if args.compile else model
+    train_model = torch.nn.parallel.DistributedDataParallel(train_model) if world > 1 else train_model  # DISTRIBUTED: averages gradients
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                 lr=args.lr, momentum=args.momentum, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    # DISTRIBUTED: every rank built the same weights from --seed above; from here on each rank draws its own batches
+    torch.manual_seed(args.seed + rank)
 
     # TRY NOT TO MODIFY: run dir, resume, logging
     start_step, best_acc, running, n_running = 0, 0.0, {}, 0
@@ -221,24 +244,27 @@ if __name__ == "__main__":
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         start_step, best_acc, n_running = ckpt["step"], ckpt["best_acc"], ckpt["n_running"]
-        running = {k: v.to(device) for k, v in ckpt["running"].items()}
-        torch.set_rng_state(ckpt["rng_cpu"])
+        if len(ckpt["rng_cpu"]) != world:  # DISTRIBUTED: per-rank state below (RNG, metric sums), one entry per rank
+            fail(f"--resume {run_dir}: its checkpoint was written by {len(ckpt['rng_cpu'])} process(es); resume it with as many")
+        running = {k: v.to(device) for k, v in ckpt["running"][rank].items()}
+        torch.set_rng_state(ckpt["rng_cpu"][rank])
         if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
+            torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():  # drop rows logged after the checkpoint we resume from (or all, if none)
-        rows = []
-        for line in metrics_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill
-                pass
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
+    if rank == 0:  # DISTRIBUTED: only rank 0 writes (every rank checked the run dir before DDP's first collective)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
+        if metrics_path.exists():  # drop rows logged after the checkpoint we resume from (or all, if none)
+            rows = []
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill
+                    pass
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
     writer = None
-    if args.tensorboard:
+    if args.tensorboard and rank == 0:  # DISTRIBUTED: only rank 0 writes
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -247,6 +273,8 @@ if __name__ == "__main__":
             print("tensorboard is not installed: logging to metrics.jsonl only", file=sys.stderr)
 
     def log(row):
+        if rank > 0:  # DISTRIBUTED: only rank 0 writes
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if writer:
@@ -295,7 +323,10 @@ if __name__ == "__main__":
         # TRY NOT TO MODIFY: log, evaluate, checkpoint
         last = step == args.total_steps
         if step % args.log_every == 0 or last:
-            means = dict(zip(running, (torch.stack(list(running.values())) / n_running).tolist()))  # the one host sync per log interval
+            sums = torch.stack(list(running.values()))
+            if world > 1:  # DISTRIBUTED: sums over all ranks, so a row is the mean over every rank's steps
+                dist.all_reduce(sums)
+            means = dict(zip(running, (sums / (world * n_running)).tolist()))  # the one host sync per log interval
             its = (step - step_last) / (time.perf_counter() - t_last)
             lr = scheduler.get_last_lr()[0]
             log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
@@ -303,18 +334,27 @@ if __name__ == "__main__":
             eta = time.strftime("%H:%M:%S", time.gmtime((args.total_steps - step) / its))
             print(f"step {step:>7}/{args.total_steps} | " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
                   + f" | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
-        if step % args.eval_every == 0 or last:
+        if (step % args.eval_every == 0 or last) and rank == 0:  # DISTRIBUTED: rank 0 evaluates, the others wait in the next collective
             acc, loss_eval = evaluate(ema_model, data.x_test, data.y_test, info, autocast)
             acc_raw, _ = evaluate(model, data.x_test, data.y_test, info, autocast)
             best_acc = max(best_acc, acc)
             log({"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw, "eval/best_acc": best_acc})
             print(f"step {step:>7} | eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f}) | loss {loss_eval:.4f}", flush=True)
         if step % args.save_every == 0 or last:
-            save_checkpoint({"step": step, "args": vars(args), "model": model.state_dict(), "ema_model": ema_model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "best_acc": best_acc, "running": running, "n_running": n_running, "rng_cpu": torch.get_rng_state(),
-                             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, run_dir / "checkpoint.pt")
+            ranks = [({k: v.cpu() for k, v in running.items()}, torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
+            if world > 1:  # DISTRIBUTED: every rank's metric sums and RNG states, for an exact resume
+                dist.all_gather_object(gathered := [None] * world, ranks[0])
+                ranks = gathered
+            running_ranks, rng_cpu, rng_cuda = (list(t) for t in zip(*ranks))  # lists indexed by rank
+            if rank == 0:  # DISTRIBUTED: only rank 0 writes
+                save_checkpoint({"step": step, "args": vars(args), "model": model.state_dict(), "ema_model": ema_model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                 "best_acc": best_acc, "running": running_ranks, "n_running": n_running, "rng_cpu": rng_cpu,
+                                 "rng_cuda": rng_cuda}, run_dir / "checkpoint.pt")
         if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
             t_last, step_last = time.perf_counter(), step  # it/s excludes evaluation and saving
     if writer:
         writer.close()
+    if world > 1:  # DISTRIBUTED: every rank done (rank 0 may still be saving) before the group goes
+        dist.barrier()
+        dist.destroy_process_group()

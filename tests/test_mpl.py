@@ -1,0 +1,315 @@
+"""mpl.py: the direction of the teacher's signal (on a toy problem where the answer is known), h and
+its moving baseline, the schedules, one step of the real script checked against its formulas, the
+gradient paths of the two losses, the finetuning phase, and resume inside / across it."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mpl
+from scriptrun import TINY, checkpoint, flat, rows, run, run_inprocess, run_killed, same
+
+SMOOTHING, TEMPERATURE, THRESHOLD = 0.15, 0.7, 0.2  # the script's defaults, and a threshold some samples pass at init
+
+# ---------------------------------------------------------------------------------------------
+# The toy problem: a linear student on 2-D points, one labeled point (class 0), one unlabeled point
+# close to it. Training the student on pseudo label 0 for the unlabeled point helps its labeled loss,
+# training on 1 hurts it. A linear teacher gives the unlabeled point its class probabilities.
+# ---------------------------------------------------------------------------------------------
+X_L, Y_L = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+X_U = torch.tensor([[1.0, 0.3]])
+W0 = torch.tensor([[0.2, -0.1], [0.1, 0.3]])  # student weights (classes x features)
+V0 = torch.tensor([[0.3, 0.2], [-0.1, 0.4]])  # teacher weights
+
+
+def student_step(y_hat, lr):
+    """One SGD step of the student on CE(y_hat, S(x_u)); returns CE_old, CE_new on the labeled point."""
+    w = W0.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(F.cross_entropy(X_U @ w.T, y_hat), w)
+    w_new = W0 - lr * grad
+    return F.cross_entropy(X_L @ W0.T, Y_L), F.cross_entropy(X_L @ w_new.T, Y_L)
+
+
+def teacher_step(h, y_hat, lr=0.5):
+    """One SGD step of the teacher on the MPL term alone, through mpl.py's own function; returns the
+    teacher's probabilities for the unlabeled point before and after."""
+    v = V0.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(mpl.mpl_term(h, X_U @ v.T, y_hat), v)
+    return (X_U @ V0.T).softmax(1)[0], (X_U @ (V0 - lr * grad).T).softmax(1)[0]
+
+
+def test_direction_on_a_toy_problem():
+    """The key test: the teacher makes the helpful pseudo label more likely and the harmful one less
+    likely; kekmodel's sign (CE_new - CE_old) would do the opposite."""
+    zero = torch.zeros(())
+    helpful, harmful = torch.tensor([0]), torch.tensor([1])
+    h_good, _ = mpl.mpl_signal(*student_step(helpful, lr=0.5), zero, 1.0)  # baseline off
+    h_bad, _ = mpl.mpl_signal(*student_step(harmful, lr=0.5), zero, 1.0)
+    assert h_good > 0 > h_bad  # the premise: 0 helps, 1 hurts
+    before, after = teacher_step(h_good, helpful)
+    assert after[0] > before[0]  # the helpful label becomes more likely
+    before, after = teacher_step(h_bad, harmful)
+    assert after[1] < before[1]  # the harmful label less likely
+    # kekmodel's sign moves both the wrong way: the test tells the two apart
+    before, after = teacher_step(-h_good, helpful)
+    assert after[0] < before[0]
+    before, after = teacher_step(-h_bad, harmful)
+    assert after[1] > before[1]
+
+
+def test_h_is_the_first_order_dot_product():
+    """Taylor: CE_old - CE_new = eta grad CE_l . grad CE_u + O(eta^2), the paper's h, with its sign."""
+    for y_hat in (torch.tensor([0]), torch.tensor([1])):
+        w = W0.clone().requires_grad_()
+        (g_l,) = torch.autograd.grad(F.cross_entropy(X_L @ w.T, Y_L), w)
+        (g_u,) = torch.autograd.grad(F.cross_entropy(X_U @ w.T, y_hat), w)
+        eta = 1e-3
+        h, _ = mpl.mpl_signal(*student_step(y_hat, eta), torch.zeros(()), 1.0)
+        assert h.item() == pytest.approx(eta * (g_l * g_u).sum().item(), rel=1e-2)
+
+
+def test_expected_mpl_gradient_is_the_exact_teacher_gradient():
+    """Score function, exactly: averaged over y_hat ~ p_T, the gradient of h(y_hat) * CE(y_hat, T) is the
+    gradient of E_{y_hat ~ p_T}[CE_new(y_hat)] w.r.t. the teacher, computed here by autograd through the
+    probabilities (two classes: the expectation is a finite sum). Any lr, not only small ones."""
+    v = V0.clone().requires_grad_()
+    p = (X_U @ v.T).softmax(1)[0]
+    ce_new = {y: student_step(torch.tensor([y]), lr=0.5)[1] for y in (0, 1)}
+    (exact,) = torch.autograd.grad(sum(p[y] * ce_new[y] for y in (0, 1)), v)
+    estimate = torch.zeros_like(V0)
+    for y in (0, 1):
+        h, _ = mpl.mpl_signal(*student_step(torch.tensor([y]), lr=0.5), torch.zeros(()), 1.0)
+        (g,) = torch.autograd.grad(mpl.mpl_term(h, X_U @ v.T, torch.tensor([y])), v)
+        estimate += p[y].detach() * g
+    assert exact.abs().max() > 1e-3  # not a trivial zero
+    assert torch.allclose(estimate, exact, atol=1e-6)
+    assert not torch.allclose(-estimate, exact, atol=1e-3)  # kekmodel's sign: the gradient of the opposite objective
+
+
+def test_mpl_signal_and_baseline_formulas():
+    """Several steps against the formulas: b <- d b + (1 - d) h_raw before use, h = h_raw - b."""
+    gen = torch.Generator().manual_seed(0)
+    ce_old, ce_new = torch.rand(6, generator=gen) + 1, torch.rand(6, generator=gen) + 1
+    for decay in (0.99, 1.0, 0.5):
+        b_fn, b_hand = torch.zeros(()), 0.0
+        for old, new in zip(ce_old, ce_new):
+            h_fn, b_fn = mpl.mpl_signal(old, new, b_fn, decay)
+            h_raw = old.item() - new.item()
+            b_hand = decay * b_hand + (1 - decay) * h_raw
+            assert b_fn.item() == pytest.approx(b_hand, rel=1e-5, abs=1e-7)
+            assert h_fn.item() == pytest.approx(h_raw - b_hand, rel=1e-5, abs=1e-7)
+        if decay == 1.0:
+            assert b_fn.item() == 0.0  # the baseline stays off
+    # h is a constant for the teacher, positive when the labeled loss went down
+    old = torch.tensor(2.0, requires_grad=True)
+    h, b = mpl.mpl_signal(old, torch.tensor(1.5), torch.zeros(()), 1.0)
+    assert h.item() == pytest.approx(0.5) and not h.requires_grad and not b.requires_grad
+
+
+def test_warmup_cosine_by_hand():
+    """K = 100, warm-up 10, wait 20: lr 0 for steps 0..19, (k - 19) / 10 up to 1 at step 29, then
+    0.5 (1 + cos(pi p)) over the 70 remaining steps."""
+    f = lambda k, wait=20: mpl.warmup_cosine(k, 100, 10, wait)
+    assert [f(k) for k in (0, 5, 19)] == [0.0, 0.0, 0.0]
+    assert [f(k) for k in (20, 24, 29)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [f(k) for k in (30, 65, 100)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    assert f(47.5) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert [f(k, wait=0) for k in (0, 9, 10, 55)] == pytest.approx([0.1, 1.0, 1.0, 0.5])  # the teacher: no wait
+    assert mpl.warmup_cosine(0, 100, 0) == 1.0  # no warm-up: the cosine from the first step
+
+
+# ---------------------------------------------------------------------------------------------
+# The real script, in-process: two MPL steps (lr not waiting, no dropout so that CE_new can be
+# recomputed), and the same two steps followed by one finetuning step at lr 0.
+# ---------------------------------------------------------------------------------------------
+RUN = ["--total-steps", 2, "--log-every", 1, "--warmup-steps", 0, "--student-wait-steps", 0, "--dropout", 0,
+       "--threshold", THRESHOLD]
+
+
+@pytest.fixture(scope="module")
+def two_steps(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("mpl")
+    return run_inprocess("mpl.py", *TINY, "--data-dir", data_dir, *RUN, "--run-dir", run_dir), run_dir
+
+
+def test_logged_h_baseline_and_losses_match_the_formulas(two_steps):
+    g, run_dir = two_steps
+    train = [r for r in rows(run_dir) if "train/mpl_h" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    b = 0.0
+    for r in train:  # Eq. (6) from the logged CE_old, CE_new, decay 0.99
+        h_raw = r["train/ce_old"] - r["train/ce_new"]
+        b = 0.99 * b + 0.01 * h_raw
+        assert r["train/mpl_baseline"] == pytest.approx(b, rel=1e-4, abs=1e-7)
+        assert r["train/mpl_h"] == pytest.approx(h_raw - b, rel=1e-4, abs=1e-7)
+        assert r["losses/total"] == r["losses/student"] > 0
+    last = train[-1]
+    for key, name in (("train/ce_old", "ce_old"), ("train/ce_new", "ce_new"), ("train/mpl_h", "h"),
+                      ("train/mpl_baseline", "mpl_baseline"), ("losses/teacher_mpl", "loss_t_mpl")):
+        assert last[key] == pytest.approx(g[name].item(), rel=1e-6)
+    n_l = len(g["y_l"])
+    # CE_old: the student's labeled logits of its training forward, unsmoothed
+    assert g["ce_old"].item() == pytest.approx(F.cross_entropy(g["s_logits"][:n_l].detach(), g["y_l"]).item(), rel=1e-6)
+    # CE_new: the same augmented labeled images through the UPDATED student (the final weights), train mode
+    student = copy.deepcopy(g["model"]).train()
+    with torch.no_grad():
+        ce_new = F.cross_entropy(student(g["prep"](g["x_lw"])), g["y_l"])
+    assert g["ce_new"].item() == pytest.approx(ce_new.item(), rel=1e-5)
+    assert g["ce_new"].item() != pytest.approx(g["ce_old"].item(), rel=1e-4)  # the student moved
+    # the learning rates: K = 2, no warm-up, no wait, logged after each step: lr * cos-schedule(1), (2)
+    assert [r["train/lr"] for r in train] == pytest.approx([0.025, 0.0], abs=1e-12)
+    assert [r["train/lr_teacher"] for r in train] == pytest.approx([0.025, 0.0], rel=1e-6, abs=1e-12)  # logged as a float32 tensor
+
+
+def test_student_learns_the_teachers_strong_view_label_alone(two_steps):
+    """Eq. (3)-(4): y_hat = argmax of the teacher's strong-view logits, the student's loss is the smoothed
+    CE on it and nothing else, and the MPL term uses the same y_hat."""
+    g, run_dir = two_steps
+    t_us, t_uw, s_us = g["t_logits_us"].detach(), g["t_logits_uw"].detach(), g["s_logits_us"].detach()
+    assert torch.equal(g["y_hat"], t_us.argmax(1))
+    weak_label = (t_uw / TEMPERATURE).softmax(1).argmax(1)  # kekmodel's label for the student
+    assert not torch.equal(weak_label, g["y_hat"])  # the premise: the two views disagree somewhere
+    expected = F.cross_entropy(s_us, g["y_hat"], label_smoothing=SMOOTHING)
+    assert g["loss_s"].item() == pytest.approx(expected.item(), rel=1e-6)
+    for wrong in (F.cross_entropy(s_us, weak_label, label_smoothing=SMOOTHING), F.cross_entropy(s_us, g["y_hat"]),
+                  expected + F.cross_entropy(g["s_logits"][: len(g["y_l"])].detach(), g["y_l"])):
+        assert g["loss_s"].item() != pytest.approx(wrong.item(), rel=1e-4)
+    assert g["loss_t_mpl"].item() == pytest.approx((g["h"] * F.cross_entropy(t_us, g["y_hat"])).item(), rel=1e-6)
+    row = [r for r in rows(run_dir) if "train/pseudo_acc" in r][-1]
+    assert row["train/pseudo_acc"] == pytest.approx((g["y_hat"] == g["y_u"]).float().mean().item(), rel=1e-6)
+
+
+def test_teacher_uda_loss_and_mask_on_the_sharpened_target(two_steps):
+    g, run_dir = two_steps
+    t_l, t_uw, t_us = (g[k].detach() for k in ("t_logits_l", "t_logits_uw", "t_logits_us"))
+    q = (t_uw / TEMPERATURE).softmax(1)
+    sharpened = (q.max(1).values >= THRESHOLD).float()
+    unsharpened = (t_uw.softmax(1).max(1).values >= THRESHOLD).float()
+    assert 0 < sharpened.sum() < len(sharpened) and not torch.equal(sharpened, unsharpened)  # the case discriminates
+    assert torch.equal(g["mask"], sharpened)
+    uda = (-(q * t_us.log_softmax(1)).sum(1) * sharpened).sum() / len(q)  # over all mu B
+    assert g["loss_t_uda"].item() == pytest.approx(uda.item(), rel=1e-5)
+    sup = F.cross_entropy(t_l, g["y_l"], label_smoothing=SMOOTHING)
+    assert g["loss_t_sup"].item() == pytest.approx(sup.item(), rel=1e-6)
+    w_u = 8.0 * 2 / 5000  # lambda_u min(1, k / K_uda) at step 2
+    assert g["w_u"] == pytest.approx(w_u)
+    assert g["loss_t"].item() == pytest.approx((sup + w_u * uda + g["loss_t_mpl"]).item(), rel=1e-6)
+    row = [r for r in rows(run_dir) if "train/mask_ratio" in r][-1]
+    assert row["train/mask_ratio"] == pytest.approx(sharpened.mean().item(), rel=1e-6)
+
+
+def autograd_leaves(loss):
+    """The tensors a loss's backward accumulates gradients into (its graph's leaves)."""
+    found, stack, seen = set(), [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            found.add(id(fn.variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
+
+
+def test_gradient_paths(two_steps):
+    """The student's loss reaches the student only (no gradient into the teacher through y_hat); the
+    teacher's loss reaches the teacher only (h, CE_old and CE_new are constants for it)."""
+    g, _ = two_steps
+    student = {id(p) for p in g["model"].parameters()}
+    teacher = {id(p) for p in g["teacher"].parameters()}
+    assert autograd_leaves(g["loss_s"]) == student
+    assert autograd_leaves(g["loss_t"]) == teacher
+    assert not g["y_hat"].requires_grad and not g["h"].requires_grad and not g["ce_new"].requires_grad
+
+
+def test_schedules_are_wired(two_steps):
+    """The run's own schedulers, evaluated for K = 100, warm-up 10, student wait 20."""
+    g, _ = two_steps
+    args = copy.copy(g["args"])
+    g["args"].total_steps, g["args"].warmup_steps, g["args"].student_wait_steps = 100, 10, 20
+    try:
+        student, teacher = g["scheduler"].lr_lambdas[0], g["teacher_scheduler"].lr_lambdas[0]
+        assert [student(k) for k in (0, 19, 20, 29, 65, 100)] == pytest.approx([0, 0, 0.1, 1, 0.5, 0], abs=1e-12)
+        assert [teacher(k) for k in (0, 9, 55, 100)] == pytest.approx([0.1, 1, 0.5, 0], abs=1e-12)
+    finally:
+        vars(g["args"]).update(vars(args))
+
+
+def test_checkpoint_holds_the_teacher_and_the_method_state(two_steps):
+    g, run_dir = two_steps
+    ckpt = checkpoint(run_dir)
+    assert set(ckpt) >= {"teacher", "teacher_optimizer", "teacher_scheduler", "teacher_scaler", "finetune_optimizer", "mpl_baseline"}
+    assert all(torch.equal(v, ckpt["teacher"][k]) for k, v in g["teacher"].state_dict().items())
+    assert not torch.equal(ckpt["teacher"]["fc.weight"], ckpt["model"]["fc.weight"])
+    assert torch.equal(ckpt["mpl_baseline"], g["mpl_baseline"]) and ckpt["mpl_baseline"].item() != 0
+    assert len(ckpt["teacher_optimizer"]["state"]) == len(list(g["teacher"].parameters()))  # momentum buffers
+    assert ckpt["teacher_scheduler"]["last_epoch"] == ckpt["scheduler"]["last_epoch"] == 2
+
+
+def test_finetuning_starts_from_the_ema_student(two_steps, data_dir, tmp_path):
+    """The same two MPL steps, then one finetuning step: it starts from the EMA student's weights after
+    step 2 with a fresh SGD (nesterov, momentum 0.9, no weight decay: its first step moves a weight by
+    -lr (1 + 0.9) grad); the EMA then equals the student (the evaluated model); the teacher is idle."""
+    g, _ = two_steps
+    lr = 0.1
+    f = run_inprocess("mpl.py", *TINY, "--data-dir", data_dir, *RUN, "--finetune-steps", 1, "--finetune-lr", lr,
+                      "--run-dir", tmp_path)
+    ema_after_mpl = dict(g["ema_model"].named_parameters())
+    student_after_mpl = dict(g["model"].named_parameters())
+    for name, p in f["model"].named_parameters():  # undo the one finetuning step
+        before = p.detach() + lr * 1.9 * p.grad
+        assert torch.allclose(before, ema_after_mpl[name], rtol=1e-5, atol=1e-6), name
+    assert not all(torch.equal(p, ema_after_mpl[k]) for k, p in f["model"].named_parameters())  # it did move
+    assert not all(torch.equal(ema_after_mpl[k], p) for k, p in student_after_mpl.items())  # the EMA is not the student
+    assert all(torch.equal(v, f["ema_model"].state_dict()[k]) for k, v in f["model"].state_dict().items())
+    assert all(torch.equal(v, g["teacher"].state_dict()[k]) for k, v in f["teacher"].state_dict().items())
+    assert f["model"].fc_dropout == 0.0 and g["args"].dropout == 0  # (dropout is off in this run anyway)
+    log = rows(tmp_path)
+    assert [r["step"] for r in log if "eval/acc" in r] == [2, 3]  # the MPL phase's end is evaluated
+    last = [r for r in log if "eval/acc" in r][-1]
+    assert last["eval/acc"] == last["eval/acc_raw"]
+    finetune_rows = [r for r in log if "losses/finetune" in r]
+    assert [r["step"] for r in finetune_rows] == [3] and "losses/teacher" not in finetune_rows[0]
+    assert finetune_rows[0]["losses/finetune"] == pytest.approx(f["loss"].item(), rel=1e-6)
+    expected = F.cross_entropy(f["logits_l"].detach(), f["y_l"], label_smoothing=SMOOTHING)  # labeled CE, smoothed
+    assert f["loss"].item() == pytest.approx(expected.item(), rel=1e-6) and len(f["y_l"]) == 512
+
+
+@pytest.mark.parametrize("total, finetune", [(1, 5), (6, 1)], ids=["killed-while-finetuning", "killed-before-finetuning"])
+def test_kill_and_resume_with_finetuning(total, finetune, data_dir, tmp_path):
+    """The first checkpoint (step 5) falls inside the finetuning phase, or before it so that the resumed run
+    crosses the switch: either way the same checkpoint and metrics as a run never stopped."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", total, "--finetune-steps", finetune, "--finetune-batch-size", 16]
+    run("mpl.py", *args, "--run-dir", straight)
+    step = run_killed("mpl.py", *args, "--run-dir", killed)
+    assert step == 5 and (step > total) == (total == 1)
+    run("mpl.py", "--resume", killed)
+    a, b = (flat({k: v for k, v in checkpoint(d).items() if k != "args"}) for d in (straight, killed))
+    assert a.keys() == b.keys()
+    assert [k for k in a if not same(a[k], b[k])] == []
+    assert rows(straight) == rows(killed)
+    ckpt = checkpoint(straight)
+    assert ckpt["step"] == total + finetune
+    assert ckpt["teacher_scheduler"]["last_epoch"] == ckpt["scheduler"]["last_epoch"] == total  # both idle while finetuning
+    assert len(ckpt["finetune_optimizer"]["state"]) > 0
+    assert all(torch.equal(v, ckpt["ema_model"][k]) for k, v in ckpt["model"].items())
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--threshold", 1.5, "--threshold must be in [0, 1]"), ("--label-smoothing", -0.1, "--label-smoothing must be in [0, 1]"),
+    ("--baseline-decay", 1.01, "--baseline-decay must be in [0, 1]"), ("--dropout", 1, "--dropout must be in [0, 1)"),
+    ("--temperature", 0, "--temperature must be positive"), ("--uda-steps", -1, "--uda-steps must be non-negative"),
+    ("--student-wait-steps", -5, "--student-wait-steps must be non-negative"),
+    ("--finetune-steps", -1, "--finetune-steps must be non-negative"), ("--finetune-batch-size", 0, "--finetune-batch-size must be positive"),
+])
+def test_bad_method_flags_are_one_line_and_exit_2(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mpl.parse_args(["--device", "cpu", flag, str(value)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err
+    mpl.parse_args(["--device", "cpu", "--threshold", "1", "--baseline-decay", "1", "--finetune-steps", "0"])  # the edges are valid
