@@ -36,15 +36,17 @@ class DatasetInfo:
     files: str  # what to put where when torchvision cannot download (relative to --data-dir)
 
 
-# Normalisation constants as in TorchSSL / USB.
+# Normalisation constants of TorchSSL / USB (their datasets code: 0-255 values / 255 for CIFAR and STL-10);
+# MNIST's are the usual ones, Fashion-MNIST's its training set's.
+_255 = lambda *v: tuple(x / 255 for x in v)
 DATASETS = {
-    "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), True,
+    "cifar10": DatasetInfo(10, 3, 32, _255(125.3, 123.0, 113.9), _255(63.0, 62.1, 66.7), True,
                            "cifar-10-batches-py/ (extract cifar-10-python.tar.gz there)"),
-    "cifar100": DatasetInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
+    "cifar100": DatasetInfo(100, 3, 32, _255(129.3, 124.1, 112.4), _255(68.2, 65.4, 70.4), True,
                             "cifar-100-python/ (extract cifar-100-python.tar.gz there)"),
-    "svhn": DatasetInfo(10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False,
-                        "train_32x32.mat and test_32x32.mat"),
-    "stl10": DatasetInfo(10, 3, 96, (0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687), True,
+    "svhn": DatasetInfo(10, 3, 32, (0.4380, 0.4440, 0.4730), (0.1751, 0.1771, 0.1744), False,
+                        "train_32x32.mat, test_32x32.mat and extra_32x32.mat (or pass --no-svhn-extra)"),
+    "stl10": DatasetInfo(10, 3, 96, _255(112.4, 109.1, 98.6), _255(68.4, 66.6, 68.5), True,
                          "stl10_binary/ (extract stl10_binary.tar.gz there)"),
     "mnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,), False,
                          "MNIST/raw/ (the four *-ubyte files, gunzipped)"),
@@ -55,7 +57,7 @@ DATASETS = {
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 
 
-def _torchvision_splits(name, root, download):
+def _torchvision_splits(name, root, download, svhn_extra=True):
     """(train_x, train_y, test_x, test_y, extra_x) as numpy/tensor data straight from torchvision."""
     D = torchvision.datasets
     if name in ("cifar10", "cifar100"):
@@ -65,8 +67,9 @@ def _torchvision_splits(name, root, download):
         return hwc(tr), torch.tensor(tr.targets), hwc(te), torch.tensor(te.targets), None
     if name == "svhn":
         tr, te = D.SVHN(root, "train", download=download), D.SVHN(root, "test", download=download)
+        extra = torch.from_numpy(D.SVHN(root, "extra", download=download).data) if svhn_extra else None
         return (torch.from_numpy(tr.data), torch.from_numpy(tr.labels), torch.from_numpy(te.data),
-                torch.from_numpy(te.labels), None)
+                torch.from_numpy(te.labels), extra)
     if name == "stl10":
         tr, te, un = (D.STL10(root, s, download=download) for s in ("train", "test", "unlabeled"))
         return (torch.from_numpy(tr.data), torch.from_numpy(tr.labels).long(),
@@ -87,11 +90,13 @@ def _unpack_debian_fashion_mnist(root):
             shutil.copyfileobj(src, dst)
 
 
-def load_dataset(name, data_dir="./data"):
+def load_dataset(name, data_dir="./data", svhn_extra=True):
     """Load a dataset whole: uint8 images (N, C, H, W) and int64 labels as CPU tensors.
 
-    Returns (train_x, train_y, test_x, test_y, extra_x); extra_x holds images without labels that
-    feed only the unlabeled stream (STL-10's 100k unlabeled split), or None. Files missing from
+    Returns (train_x, train_y, test_x, test_y, extra_x); extra_x holds images that feed only the
+    unlabeled stream, or None: STL-10's 100k unlabeled split, and SVHN's 531k extra images unless
+    svhn_extra is False (TorchSSL and USB feed SVHN's train + extra, 604k images, to the unlabeled
+    stream; extra's labels are not used). Files missing from
     data_dir are downloaded by torchvision; Fashion-MNIST is taken from Debian's package when that
     is installed. Raises FileNotFoundError with one line saying what to put where.
     """
@@ -103,14 +108,14 @@ def load_dataset(name, data_dir="./data"):
         except ImportError:
             raise ValueError("svhn needs scipy to read its .mat files: pip install scipy") from None
     try:  # already on disk: no integrity check against the network, no "verified" chatter
-        return _torchvision_splits(name, data_dir, download=False)
+        return _torchvision_splits(name, data_dir, download=False, svhn_extra=svhn_extra)
     except RuntimeError:
         pass
     try:
         if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST):
             _unpack_debian_fashion_mnist(data_dir)
             return _torchvision_splits(name, data_dir, download=False)
-        return _torchvision_splits(name, data_dir, download=True)
+        return _torchvision_splits(name, data_dir, download=True, svhn_extra=svhn_extra)
     except (RuntimeError, URLError, OSError) as e:
         reason = " ".join(str(e).split())[:200] or type(e).__name__  # one line
         raise FileNotFoundError(
@@ -153,9 +158,9 @@ class SSLData:
     y_test: torch.Tensor
 
 
-def load_ssl_data(name, data_dir, num_labels, seed, device):
+def load_ssl_data(name, data_dir, num_labels, seed, device, svhn_extra=True):
     """Everything a script trains and evaluates on, moved to `device` once."""
-    train_x, train_y, test_x, test_y, extra_x = load_dataset(name, data_dir)
+    train_x, train_y, test_x, test_y, extra_x = load_dataset(name, data_dir, svhn_extra)
     info = DATASETS[name]
     labeled_idx = labeled_split(train_y, num_labels, info.num_classes, seed)
     x_u, y_u = train_x, train_y
@@ -247,9 +252,10 @@ def strong_augment(x, flip=True, pad=None, num_ops=3, cutout=0.5):
     image a square of side U(0, cutout) * H, centred at a uniform point, clipped at the borders,
     filled with grey 127).
 
-    Unlike TorchSSL, which applies an image's ops in drawn order, its geometric ops (rotate,
-    shear, translate) are composed into one affine matrix and applied first, as one warp, then
-    its colour ops follow in drawn order. The warp is bilinear (smoother than PIL's default
+    The order follows USB: crop and flip first, then RandAugment (TorchSSL applies RandAugment
+    first, then crop and flip). Unlike TorchSSL, which applies an image's ops in drawn order, its
+    geometric ops (rotate, shear, translate) are composed into one affine matrix and applied first,
+    as one warp, then its colour ops follow in drawn order. The warp is bilinear (smoother than PIL's default
     nearest) and fills grey 128 where the sample point falls outside the image; as in PIL, values
     are truncated to uint8. x: uint8 (N, C, H, W), C = 1 or 3; returns the same shape, dtype and
     device."""
@@ -501,9 +507,10 @@ class _Block(nn.Module):
 
 class WideResNet(nn.Module):
     """WRN-depth-width (Zagoruyko & Komodakis 2016) as used by FixMatch, TorchSSL and USB: LeakyReLU
-    0.1, BatchNorm momentum 0.001 (PyTorch convention: 1 - TF's 0.999) and eps 0.001 (TF, USB),
-    kaiming-normal conv init (fan_out), xavier-normal fc init, a bias on the stem conv only
-    (TorchSSL; USB now puts one on every conv). WRN-28-2, 10 classes: 1,467,626 parameters.
+    0.1, BatchNorm momentum 0.001 (PyTorch convention: 1 - TF's 0.999) and eps 0.001 (TorchSSL and
+    USB; kekmodel keeps PyTorch's 1e-5), kaiming-normal conv init (fan_out), xavier-normal fc init,
+    a bias on the stem conv only (TorchSSL and USB put one on every conv, kekmodel on none).
+    WRN-28-2, 10 classes: 1,467,626 parameters.
 
     `model(x)` gives logits; `model.features(x)` the pooled penultimate features (N, model.num_features)
     and `model.fc` the classifier, for methods that add heads on the features (DST, MAXL).
@@ -516,7 +523,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, ...), got {depth}")
         n = (depth - 4) // 6
         channels = [16, 16 * width, 32 * width, 64 * width]
-        self.conv1 = nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=True)  # as TorchSSL
+        self.conv1 = nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=True)  # the stem's bias, as TorchSSL / USB
         blocks = []
         for g in range(3):
             for i in range(n):

