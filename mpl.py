@@ -38,6 +38,9 @@ finetuning afterwards (kekmodel; C10-4K: 625 epochs of batch 512 at lr 3e-5 = 50
 labels): --finetune-steps N adds steps K+1..K+N in which the student starts from the EMA student's
 weights and learns CE_e(y, z_S(a(x))) on labeled batches of --finetune-batch-size with a fresh SGD
 (nesterov, momentum 0.9, weight decay 0, constant --finetune-lr, dropout off); the teacher is idle.
+Short runs (a few thousand steps): lambda_u 8 over a ramp much shorter than 5000 steps is live before
+the teacher has learned from its labels, and it then learns to agree with its own guesses (digits, 500
+steps: labeled CE at chance, student 13 %); use --uda-weight 1 (the script prints a note otherwise).
 
 Choices, where the references differ or are silent (kekmodel = kekmodel/MPL-pytorch, the official
 code = google-research/google-research meta_pseudo_labels):

@@ -318,3 +318,14 @@ def test_bad_method_flags_are_one_line_and_exit_2(flag, value, message, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err
     mpl.parse_args(["--device", "cpu", "--threshold", "1", "--baseline-decay", "1", "--finetune-steps", "0"])  # the edges are valid
+
+
+def test_start_up_note_when_the_uda_weight_comes_too_early(data_dir, tmp_path, capsys):
+    """The reference's weight 8 ramped over a short --uda-steps trains the teacher on its own guesses
+    before it has learned from its labels: the script says so once at start-up, and not with weight 1."""
+    base = [*TINY, "--data-dir", data_dir, "--total-steps", 1, "--uda-steps", 10]
+    run_inprocess("mpl.py", *base, "--run-dir", tmp_path / "w8")
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and "--uda-weight 1" in out
+    run_inprocess("mpl.py", *base, "--uda-weight", 1, "--run-dir", tmp_path / "w1")
+    assert "note:" not in capsys.readouterr().out

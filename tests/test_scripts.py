@@ -117,3 +117,13 @@ def test_short_run_evaluates_a_model_as_good_as_the_raw_one(digits_dir, tmp_path
     last = [r for r in rows(out) if "eval/acc" in r][-1]
     assert last["eval/acc_raw"] > 50, "the raw model did not learn: the test proves nothing"
     assert last["eval/acc"] >= last["eval/acc_raw"] - 5
+
+
+def test_svhn_extra_flag_reaches_the_unlabeled_stream(tmp_path, patched_integrity):
+    """--dataset svhn: train + extra feed the unlabeled stream by default (TorchSSL, USB); --no-svhn-extra: train only."""
+    from fakedata import make_fake_dataset
+
+    make_fake_dataset("svhn", tmp_path / "d", n_train=100, n_unlabeled=30)
+    args = [*TINY, "--dataset", "svhn", "--data-dir", tmp_path / "d", "--total-steps", 1]
+    assert len(run_inprocess("supervised.py", *args, "--run-dir", tmp_path / "a")["data"].x_unlabeled) == 130
+    assert len(run_inprocess("supervised.py", *args, "--no-svhn-extra", "--run-dir", tmp_path / "b")["data"].x_unlabeled) == 100

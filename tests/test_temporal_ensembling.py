@@ -1,9 +1,10 @@
 """temporal_ensembling.py: the ensemble buffer and its bias-corrected target against the closed form,
 rows never sampled, the buffer in the checkpoint, the consistency term's gradient."""
 
+import pytest
 import torch
 
-from scriptrun import TINY, checkpoint, run
+from scriptrun import TINY, checkpoint, rows, run
 
 
 def test_ensemble_and_target_closed_form():
@@ -39,3 +40,15 @@ def test_buffer_in_checkpoint_and_consistency_trains(data_dir, tmp_path):
     assert Z.shape == (200, 10) and count.sum() == 12 * 16  # every unlabeled row drawn, 16 a step
     assert torch.allclose(Z.sum(1), 1 - 0.6 ** count.float(), atol=1e-5)  # EMA of distributions, not yet corrected
     assert not torch.equal(checkpoint(tmp_path / "off")["model"]["conv1.weight"], ckpt["model"]["conv1.weight"])
+
+
+def test_default_weight_is_the_papers_30(data_dir, tmp_path):
+    """w_max 30 (the paper's, whose M/N scaling only undoes its CE averaged over mixed batches):
+    after the ramp the logged weight is 30 and the total is sup + 30 * unsup."""
+    run("temporal_ensembling.py", *TINY, "--data-dir", data_dir, "--total-steps", 4, "--log-every", 1, "--ramp-up", 0,
+        "--run-dir", tmp_path / "r")
+    train = [r for r in rows(tmp_path / "r") if "losses/total" in r]
+    assert [r["train/unsup_weight"] for r in train] == [30.0] * 4
+    assert any(r["losses/unsup"] > 0 for r in train)
+    for r in train:
+        assert r["losses/total"] == pytest.approx(r["losses/sup"] + 30 * r["losses/unsup"], rel=1e-5)
