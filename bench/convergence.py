@@ -154,8 +154,8 @@ def run_one(name, labels, seed, cfg):
         check_same_args(run_dir, args)
         print(f"{name} {labels} labels seed {seed}: done already", flush=True)
         return run_dir
-    if run_dir.exists() and not (run_dir / "args.json").is_file():
-        shutil.rmtree(run_dir)  # killed before it wrote anything: start again
+    if run_dir.exists() and not (run_dir / "checkpoint.pt").is_file():
+        shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to resume, start again
     if run_dir.exists():
         check_same_args(run_dir, args)
         cmd = [sys.executable, str(ROOT / script), "--resume", str(run_dir)]

@@ -42,9 +42,15 @@ def run_killed(script, *args):
 
 
 def run_inprocess(script, *args):
-    """The script as __main__ in this process; returns its globals (model, ema_model, ...)."""
-    with mock.patch.object(sys, "argv", [script, *map(str, args)]):
-        return runpy.run_path(str(ROOT / script), run_name="__main__")
+    """The script as __main__ in this process; returns its globals (model, ema_model, ...). The signal handlers
+    the script installs (Ctrl-C, SIGTERM) are put back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with mock.patch.object(sys, "argv", [script, *map(str, args)]):
+            return runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def rows(run_dir):

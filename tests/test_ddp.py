@@ -46,7 +46,7 @@ def torchrun(script, *args, env=None):
 def test_two_processes_run_and_rank_0_alone_writes(script, data_dir, tmp_path):
     out = tmp_path / "run"
     proc = torchrun(script, *TINY, "--data-dir", data_dir, "--total-steps", 12, "--run-dir", out)
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "checkpoint.pt", "labeled_indices.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "checkpoint.pt", "labeled_indices.json", "metrics.jsonl", "model.pt"]
     log = rows(out)
     assert [r["step"] for r in log if "losses/total" in r] == [4, 8, 12]  # once each: rank 1 wrote none
     assert [r["step"] for r in log if "eval/acc" in r] == [6, 12]
