@@ -52,6 +52,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -210,7 +211,9 @@ def load_checkpoint(path):
         fail(f"--resume {path.parent}: no {path.name} there (the run stopped before its first save), so nothing to resume: "
              f"delete {path.parent} and start again")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about some foreign files before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, not a checkpoint, or holding objects that weights_only refuses to load
         fail(f"--resume {path.parent}: {path.name} cannot be read ({type(e).__name__}): it is damaged or not a checkpoint")
     if not isinstance(ckpt, dict) or "step" not in ckpt:

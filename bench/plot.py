@@ -49,8 +49,8 @@ def plot(run_dirs, out):
     positive = True
     for i, run_dir in enumerate(run_dirs):
         rows, color, name = read_rows(run_dir), f"C{i % 10}", Path(run_dir).name
-        acc_ax.plot(*series(rows, "eval/acc"), color=color, label=name)
-        acc_ax.plot(*series(rows, "eval/acc_raw"), color=color, linestyle=":")
+        acc_ax.plot(*series(rows, "eval/acc"), color=color, marker=".", label=name)
+        acc_ax.plot(*series(rows, "eval/acc_raw"), color=color, marker=".", linestyle=":")
         tags = sorted({k for r in rows for k in r if k.startswith("losses/")})
         for j, tag in enumerate(tags):
             steps, values = series(rows, tag)
