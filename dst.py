@@ -141,7 +141,8 @@ def parse_args(argv=None):
     p.add_argument("--grl-alpha", type=float, default=1.0, help="steepness alpha of the coefficient's warm start")
     p.add_argument("--grl-warmup", type=float, default=0.1, help="warm-start length N, a fraction of --total-steps (DST: 100k of 1M)")
     p.add_argument("--head-width", type=int, default=None, help="hidden width of the two MLP heads, default 2x the features")
-    p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate its checkpoint, print one line, write nothing")
+    p.add_argument("--eval-only", action="store_true",
+                   help="with --resume: evaluate its checkpoint, print one line, write nothing")
     args = p.parse_args(argv)
     saved = {}
     if args.resume:  # the saved arguments become the defaults; flags given now still override them
@@ -153,7 +154,7 @@ def parse_args(argv=None):
         except ValueError:
             fail(f"--resume {args.resume}: its args.json is not valid JSON")
         if saved.get("script", METHOD) != METHOD:  # a run made before scripts were recorded is allowed
-            fail(f"--resume {run_dir}: that run was made by {saved['script']}.py, not {METHOD}.py: resume it with that script")
+            fail(f"--resume {run_dir}: that run was made by {saved['script']}.py, not {METHOD}.py: resume it with that")
         p.set_defaults(**saved)
         args = p.parse_args(argv)
         args.run_dir, args.resume = str(run_dir), str(run_dir)
@@ -187,8 +188,8 @@ def parse_args(argv=None):
     if args.eval_only and not args.resume:
         fail("--eval-only needs --resume RUN_DIR: the run whose checkpoint to evaluate")
     if args.resume:  # what makes a run: resuming it on other data, another split or another network would mix two runs
-        changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})"
-                   for k in ("dataset", "num_labels", "seed", "depth", "width") if k in saved and saved[k] != getattr(args, k)]
+        changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in ("dataset", "num_labels", "seed",
+                   "depth", "width") if k in saved and saved[k] != getattr(args, k)]
         if changed:
             fail(f"--resume {args.resume}: that run was made with {', '.join(changed)}: start a new run for these")
     return args
@@ -292,21 +293,22 @@ def save_checkpoint(state, path):
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            fail(f"cannot write {path} ({' '.join(str(e).split())[:100]}): the previous one is kept; free space and --resume")
+            reason = " ".join(str(e).split())[:100]  # one line
+            fail(f"cannot write {path} ({reason}): the previous one is kept; free space and --resume")
         raise
 
 
 def load_checkpoint(path):
     """The checkpoint to resume from, or one line on stderr (exit code 2) saying why there is none."""
     if not path.is_file():
-        fail(f"--resume {path.parent}: no {path.name} there (the run stopped before its first save), so nothing to resume: "
-             f"delete {path.parent} and start again")
+        fail(f"--resume {path.parent}: no {path.name} there (the run stopped before its first save), so nothing "
+             f"to resume: delete {path.parent} and start again")
     try:
         with warnings.catch_warnings():  # torch warns about some foreign files before refusing them
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, not a checkpoint, or holding objects that weights_only refuses to load
-        fail(f"--resume {path.parent}: {path.name} cannot be read ({type(e).__name__}): it is damaged or not a checkpoint")
+        fail(f"--resume {path.parent}: {path.name} cannot be read ({type(e).__name__}): damaged or not a checkpoint")
     if not isinstance(ckpt, dict) or "step" not in ckpt:
         fail(f"--resume {path.parent}: {path.name} is not a checkpoint of these scripts")
     if ckpt.get("script", METHOD) != METHOD:
@@ -315,7 +317,8 @@ def load_checkpoint(path):
 
 
 def check_writable(run_dir):
-    """Fail before the data loads if the run dir cannot be written (a file in its path, a read-only disk); no trace left."""
+    """Fail before the data loads if the run dir cannot be written (a file in its path, a read-only disk).
+    Leaves nothing behind."""
     folder = run_dir
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -329,17 +332,19 @@ def check_writable(run_dir):
 
 
 def check_finite(step, values, run_dir):
-    """Divergence: stop before a non-finite value is logged or saved; one line, exit code 3, the last checkpoint kept."""
+    """Divergence: stop before a non-finite value is logged or saved. One line, exit code 3, the last checkpoint kept."""
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         print(f"{METHOD}.py: error: diverged by step {step}: {bad[0]} is {values[bad[0]]}; nothing of it was saved, "
-              f"{run_dir} keeps the last good checkpoint (try a lower --lr)", file=sys.stderr)
+              f"{run_dir} keeps the last good checkpoint (a new run with a lower --lr may not diverge)",
+              file=sys.stderr)
         sys.exit(3)
 
 
 def inference_model(ema_model, args, info, step):
     """model.pt: the evaluated weights and what rebuilds the plain WideResNet (README: Evaluate and load a model)."""
-    arch = {"num_classes": ema_model.fc.out_features, "depth": args.depth, "width": args.width, "in_channels": info.channels}
+    arch = {"num_classes": ema_model.fc.out_features, "depth": args.depth, "width": args.width,
+            "in_channels": info.channels}
     with torch.device("meta"):
         keys = common.WideResNet(**arch).state_dict().keys()  # heads only the method uses are left out
     return {"arch": arch, "weights": {k: v for k, v in ema_model.state_dict().items() if k in keys}, "size": info.size,
@@ -366,6 +371,8 @@ if __name__ == "__main__":
     if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
         fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt") if args.resume else None
+    if ckpt is not None and not args.eval_only and len(ckpt["rng_cpu"]) != world:  # DISTRIBUTED: state per rank
+        fail(f"--resume {run_dir}: its checkpoint was written by {len(ckpt['rng_cpu'])} process(es); resume it with as many")
     if ckpt is not None and not args.eval_only and ckpt["step"] > args.total_steps:
         fail(f"--resume {run_dir}: --total-steps {args.total_steps} is below the checkpoint's step {ckpt['step']}")
     if ckpt is not None and not args.eval_only and ckpt["step"] == args.total_steps:
@@ -394,8 +401,8 @@ if __name__ == "__main__":
     info = data.info
     sizes = [len(data.x_unlabeled), len(data.x_test), info.num_classes]  # the data a resume must find again
     if ckpt is not None and ckpt.get("data", sizes) != sizes:
-        fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, now {sizes}): "
-             "give its --dataset and --data-dir")
+        fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, "
+             f"now {sizes}): give its --dataset and --data-dir")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
     prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
 
@@ -419,8 +426,6 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: run dir, resume, logging
     start_step, best_acc, running, n_running = 0, 0.0, {}, 0
     if ckpt is not None:
-        if len(ckpt["rng_cpu"]) != world:  # DISTRIBUTED: per-rank state below (RNG, metric sums), one entry per rank
-            fail(f"--resume {run_dir}: its checkpoint was written by {len(ckpt['rng_cpu'])} process(es); resume it with as many")
         try:
             model.load_state_dict(ckpt["model"])
             ema_model.load_state_dict(ckpt["ema_model"])
@@ -437,7 +442,8 @@ if __name__ == "__main__":
     if args.eval_only:  # the checkpoint's models on the test set: one line, nothing written
         acc, loss_eval = evaluate(ema_model, data.x_test, data.y_test, info, autocast)
         acc_raw, _ = evaluate(model, data.x_test, data.y_test, info, autocast)
-        print(f"{METHOD} | {run_dir} | step {start_step} | eval acc {acc:.2f} (raw model {acc_raw:.2f}) | loss {loss_eval:.4f}")
+        print(f"{METHOD} | {run_dir} | step {start_step} | eval acc {acc:.2f} (raw model {acc_raw:.2f}) | "
+              f"loss {loss_eval:.4f}")
         sys.exit(0)
     metrics_path = run_dir / "metrics.jsonl"
     if rank == 0:  # DISTRIBUTED: only rank 0 writes (every rank checked the run dir before DDP's first collective)
@@ -465,8 +471,11 @@ if __name__ == "__main__":
         if rank > 0:  # DISTRIBUTED: only rank 0 writes
             return
         row = {k: v if math.isfinite(v) else None for k, v in row.items()}  # JSON has no NaN or inf: null
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: the checkpoint on disk is whole
+            fail(f"cannot write {metrics_path} ({e.strerror}): free space and --resume")
         if writer:
             for k, v in row.items():
                 if k != "step" and v is not None:
@@ -536,8 +545,8 @@ if __name__ == "__main__":
                 dist.all_gather_object(gathered := [None] * world, ranks[0])
                 ranks = gathered
             running_ranks, rng_cpu, rng_cuda = (list(t) for t in zip(*ranks))  # lists indexed by rank
-            check_finite(step, {**{k: float(v.sum()) for r in running_ranks for k, v in r.items()},  # since the last log row
-                                "model weights": float(sum(p.detach().sum() for p in model.parameters()))}, run_dir)
+            unlogged = {k: float(v.sum()) for r in running_ranks for k, v in r.items()}  # since the last log row
+            check_finite(step, {**unlogged, "model weights": float(sum(p.detach().sum() for p in model.parameters()))}, run_dir)
             if rank == 0:  # DISTRIBUTED: only rank 0 writes
                 save_checkpoint({"step": step, "args": vars(args), "model": model.state_dict(), "ema_model": ema_model.state_dict(),
                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),

@@ -55,7 +55,8 @@ def plot(run_dirs, out):
         for j, tag in enumerate(tags):
             steps, values = series(rows, tag)
             positive &= all(v > 0 for v in values if not math.isnan(v))
-            loss_ax.plot(steps, values, color=color, linestyle=["-", "--", "-.", ":"][j % 4], label=f"{name}: {tag[7:]}")
+            style = ["-", "--", "-.", ":"][j % 4]
+            loss_ax.plot(steps, values, color=color, linestyle=style, label=f"{name}: {tag[7:]}")
     acc_ax.set(xlabel="step", ylabel="eval/acc (%)", title="accuracy (dotted: raw model)")
     loss_ax.set(xlabel="step", ylabel="loss", title="training losses", yscale="log" if positive else "linear")
     for ax in (acc_ax, loss_ax):

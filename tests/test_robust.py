@@ -49,7 +49,8 @@ def strict_rows(run_dir):
     """metrics.jsonl read as strict JSON: a bare NaN or Infinity fails."""
     def refuse(constant):
         raise ValueError(f"{constant} in metrics.jsonl")
-    return [json.loads(line, parse_constant=refuse) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=refuse) for line in lines]
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +226,8 @@ def test_an_os_error_while_saving_is_one_line_too(data_dir, capsys, monkeypatch,
     def fsync(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr("os.fsync", fsync)
-    err = refused(capsys, "mpl.py", *TINY, "--mu", 1, "--data-dir", data_dir, "--run-dir", tmp_path / "run", "--total-steps", 2,
-                  "--save-every", 1)
+    err = refused(capsys, "mpl.py", *TINY, "--mu", 1, "--data-dir", data_dir, "--run-dir", tmp_path / "run",
+                  "--total-steps", 2, "--save-every", 1)
     assert "No space left on device" in err and not list((tmp_path / "run").glob("*.tmp"))
 
 
