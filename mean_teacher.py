@@ -254,8 +254,9 @@ def inference_model(ema_model, args, info, step):
             "in_channels": info.channels}
     with torch.device("meta"):
         keys = common.WideResNet(**arch).state_dict().keys()  # heads only the method uses are left out
-    return {"arch": arch, "weights": {k: v for k, v in ema_model.state_dict().items() if k in keys}, "size": info.size,
-            "mean": info.mean, "std": info.std, "classes": list(info.classes), "script": METHOD, "step": step}
+    weights = {k: v.cpu().contiguous() for k, v in ema_model.state_dict().items() if k in keys}  # loads without a GPU
+    return {"arch": arch, "weights": weights, "size": info.size, "mean": info.mean, "std": info.std,
+            "classes": list(info.classes), "script": METHOD, "step": step}
 
 
 if __name__ == "__main__":
