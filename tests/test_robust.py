@@ -247,7 +247,8 @@ def test_unwritable_run_dirs_are_refused_before_the_data_loads(capsys, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_ctrl_c_says_how_to_resume(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler or torchrun stopping the run
+def test_ctrl_c_says_how_to_resume(signum, data_dir, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "supervised.py"), *map(str, TINY), "--data-dir", data_dir, "--run-dir", run_dir,
            "--total-steps", 100000, "--save-every", 2]
@@ -255,7 +256,7 @@ def test_ctrl_c_says_how_to_resume(data_dir, tmp_path):
                             env=OFFLINE)
     while not (run_dir / "checkpoint.pt").exists() and proc.poll() is None:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     err = proc.communicate(timeout=60)[1].strip()
     assert proc.returncode == 130 and len(err.splitlines()) == 1, err
     assert f"continue with: python supervised.py --resume {run_dir}" in err
