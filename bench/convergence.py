@@ -22,8 +22,9 @@ time axis of acc_vs_time.png uses it (at each evaluation, the mean over seeds). 
 this harness around each script's process (start-up, data loading and evaluation included; summed over
 resumed invocations, less any invocation killed together with the harness).
 Resumable: a run whose metrics already hold the evaluation of its last step is skipped; a run dir left
-by an interrupted run is continued with the script's --resume (exact, see README); a run dir made with
-other arguments stops the harness with a message. So the work can be split (--scripts, --label-counts,
+by an interrupted run is continued with the script's --resume (exact, see README), or started again if
+the run was killed before its first checkpoint; a run dir made with other arguments stops the harness
+with a message. So the work can be split (--scripts, --label-counts,
 --seeds) over several harnesses sharing one --work-dir; a last call over everything, with every run
 complete, writes the whole table.
 
