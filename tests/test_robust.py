@@ -117,6 +117,10 @@ def test_resume_refuses_another_script_dataset_split_or_network(script, capsys, 
         with pytest.raises(SystemExit):
             parse(script, ["--resume", tmp_path, *flags])
         assert message in capsys.readouterr().err
+    (tmp_path / "args.json").write_text('{"dataset": "fashion')  # cut by a full disk, say
+    with pytest.raises(SystemExit):
+        parse(script, ["--resume", tmp_path])
+    assert "args.json is not valid JSON" in capsys.readouterr().err
 
 
 def malicious(path):
