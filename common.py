@@ -7,6 +7,7 @@ evaluation, logging and checkpoints live in each script so that each one reads o
 - The WideResNet of FixMatch / TorchSSL / USB, with access to the penultimate features.
 """
 
+import glob
 import gzip
 import math
 import os
@@ -34,6 +35,7 @@ class DatasetInfo:
     std: tuple
     flip: bool  # horizontal flip in the weak view (never for digits)
     files: str  # what to put where when torchvision cannot download (relative to --data-dir)
+    classes: tuple = ()  # class names, where known (--dataset folder)
 
 
 # Normalisation constants of TorchSSL / USB (their datasets code: 0-255 values / 255 for CIFAR and STL-10);
@@ -55,6 +57,7 @@ DATASETS = {
                                  "Debian's dataset-fashion-mnist package"),
 }
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+FOLDER = "folder"  # --dataset folder: your own images (load_folder)
 
 
 def _torchvision_splits(name, root, download, svhn_extra=True):
@@ -111,16 +114,65 @@ def load_dataset(name, data_dir="./data", svhn_extra=True):
         return _torchvision_splits(name, data_dir, download=False, svhn_extra=svhn_extra)
     except RuntimeError:
         pass
+    created = not os.path.exists(data_dir)
     try:
         if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST):
             _unpack_debian_fashion_mnist(data_dir)
             return _torchvision_splits(name, data_dir, download=False)
         return _torchvision_splits(name, data_dir, download=True, svhn_extra=svhn_extra)
     except (RuntimeError, URLError, OSError) as e:
+        if created:  # leave no empty data dir behind
+            shutil.rmtree(data_dir, ignore_errors=True)
         reason = " ".join(str(e).split())[:200] or type(e).__name__  # one line
         raise FileNotFoundError(
             f"{name} is not in {data_dir} and could not be loaded or downloaded ({reason}): put "
             f"under {data_dir}: {DATASETS[name].files}; or run once with network access") from None
+
+
+def load_folder(root):
+    """Your own images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* (the same
+    class folders) and, optionally, root/unlabeled/ holding images without labels (in any subfolders), which feed
+    only the unlabeled stream. Every image is converted to RGB and resized to S x S, S = the shorter side of the
+    first training image (in sorted order). Normalisation: the per-channel mean and std of the training images.
+    Returns (train_x, train_y, test_x, test_y, extra_x, info); a bad layout raises ValueError with one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    hint = f"put one folder of images per class in {root}/train/ and {root}/test/"
+    sets = {}
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise ValueError(f"--dataset folder: no folder {os.path.join(root, split)}: {hint}")
+        try:
+            sets[split] = torchvision.datasets.ImageFolder(os.path.join(root, split))
+        except FileNotFoundError as e:  # no class folder, or a class folder without images
+            raise ValueError(f"--dataset folder: {' '.join(str(e).split())[:160]}: {hint}") from None
+    if sets["train"].classes != sets["test"].classes:
+        raise ValueError(f"--dataset folder: train/ has classes {sets['train'].classes} but test/ has "
+                         f"{sets['test'].classes}: give both the same class folders")
+    unlabeled_dir = os.path.join(root, "unlabeled")
+    unlabeled = sorted(f for f in glob.glob(os.path.join(unlabeled_dir, "**", "*"), recursive=True)
+                       if f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS))
+    if os.path.isdir(unlabeled_dir) and not unlabeled:
+        raise ValueError(f"--dataset folder: {unlabeled_dir} holds no images (.png, .jpg, ...): fill it or remove it")
+
+    def read(path, size=None):
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                size = size or min(img.size)
+                return TF.pil_to_tensor(img.resize((size, size), Image.BILINEAR))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"--dataset folder: cannot read {path} as an image ({type(e).__name__})") from None
+
+    size = read(sets["train"].samples[0][0]).shape[-1]
+    stack = lambda paths: torch.stack([read(p, size) for p in paths])
+    train_x, test_x = (stack([p for p, _ in sets[s].samples]) for s in ("train", "test"))
+    extra_x = stack(unlabeled) if unlabeled else None
+    pixels = train_x.float().div(255).transpose(0, 1).flatten(1)  # (3, N H W)
+    info = DatasetInfo(len(sets["train"].classes), 3, size, tuple(pixels.mean(1).tolist()),
+                       tuple(pixels.std(1).clamp(min=1e-3).tolist()), True, hint, tuple(sets["train"].classes))
+    return (train_x, torch.tensor(sets["train"].targets), test_x, torch.tensor(sets["test"].targets), extra_x,
+            info)
 
 
 def labeled_split(targets, num_labels, num_classes, seed):
@@ -160,8 +212,11 @@ class SSLData:
 
 def load_ssl_data(name, data_dir, num_labels, seed, device, svhn_extra=True):
     """Everything a script trains and evaluates on, moved to `device` once."""
-    train_x, train_y, test_x, test_y, extra_x = load_dataset(name, data_dir, svhn_extra)
-    info = DATASETS[name]
+    if name == FOLDER:
+        train_x, train_y, test_x, test_y, extra_x, info = load_folder(data_dir)
+    else:
+        train_x, train_y, test_x, test_y, extra_x = load_dataset(name, data_dir, svhn_extra)
+        info = DATASETS[name]
     labeled_idx = labeled_split(train_y, num_labels, info.num_classes, seed)
     x_u, y_u = train_x, train_y
     if extra_x is not None:

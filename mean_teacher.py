@@ -55,8 +55,11 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,10 +78,12 @@ def fail(message):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],  # the whole title paragraph
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = fail  # argparse would print the usage block too: keep errors to one line
     # generic: data, budget, optimisation, network, hardware, output
-    p.add_argument("--dataset", default="cifar10", choices=list(common.DATASETS), help="dataset")
+    p.add_argument("--dataset", default="cifar10", choices=[*common.DATASETS, common.FOLDER],
+                   help="dataset; folder: your own images in --data-dir (README, Your own images)")
     p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
     p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True,
                    help="svhn: its 531k extra images join the unlabeled stream, as TorchSSL and USB")
@@ -107,14 +112,24 @@ def parse_args(argv=None):
     # algorithm specific
     p.add_argument("--unsup-weight", type=float, default=50.0, help="w_max, the consistency weight after ramp-up")
     p.add_argument("--ramp-up", type=float, default=0.4, help="ramp-up length as a fraction of --total-steps")
+    p.add_argument("--eval-only", action="store_true",
+                   help="with --resume: evaluate its checkpoint, print one line, write nothing")
     args = p.parse_args(argv)
+    saved = {}
     if args.resume:  # the saved arguments become the defaults; flags given now still override them
         run_dir = Path(args.resume).parent if Path(args.resume).is_file() else Path(args.resume)
         if not (run_dir / "args.json").is_file():
             fail(f"--resume {args.resume}: no args.json there, so it is not a run dir")
-        p.set_defaults(**json.loads((run_dir / "args.json").read_text()))
+        try:
+            saved = json.loads((run_dir / "args.json").read_text())
+        except ValueError:
+            fail(f"--resume {args.resume}: its args.json is not valid JSON")
+        if saved.get("script", METHOD) != METHOD:  # a run made before scripts were recorded is allowed
+            fail(f"--resume {run_dir}: that run was made by {saved['script']}.py, not {METHOD}.py: resume it with that")
+        p.set_defaults(**saved)
         args = p.parse_args(argv)
         args.run_dir, args.resume = str(run_dir), str(run_dir)
+    args.script = METHOD  # in args.json and the checkpoint: a run resumes only with the script that made it
     # values derived at run time (written to args.json resolved)
     args.weight_decay = args.weight_decay if args.weight_decay is not None else 1e-3 if args.dataset == "cifar100" else 5e-4
     args.width = args.width or (8 if args.dataset == "cifar100" else 2)
@@ -129,6 +144,24 @@ def parse_args(argv=None):
         fail("--device cuda, but CUDA is not available here: use --device cpu")
     if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: torch's SyncBatchNorm has no CPU kernel
         fail("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only): drop --sync-bn")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device} is not a device: use cpu, cuda or cuda:N")
+    for flag, value, ok, rule in (("--lr", args.lr, 0 < args.lr < math.inf, "positive"),
+                                  ("--weight-decay", args.weight_decay, 0 <= args.weight_decay < math.inf, ">= 0"),
+                                  ("--momentum", args.momentum, 0 <= args.momentum < 1, "in [0, 1)"),
+                                  ("--ema-decay", args.ema_decay, 0 <= args.ema_decay <= 1, "in [0, 1]"),
+                                  ("--bn-momentum", args.bn_momentum, 0 < args.bn_momentum <= 1, "in (0, 1]")):
+        if not ok:
+            fail(f"{flag} must be {rule}, got {value}")
+    if args.eval_only and not args.resume:
+        fail("--eval-only needs --resume RUN_DIR: the run whose checkpoint to evaluate")
+    if args.resume:  # what makes a run: resuming it on other data, another split or another network would mix two runs
+        changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in ("dataset", "num_labels", "seed",
+                   "depth", "width") if k in saved and saved[k] != getattr(args, k)]
+        if changed:
+            fail(f"--resume {args.resume}: that run was made with {', '.join(changed)}: start a new run for these")
     return args
 
 
@@ -164,16 +197,79 @@ def evaluate(model, x_test, y_test, info, autocast, batch_size=1024):
 
 
 def save_checkpoint(state, path):
-    """Atomic: a crash at any moment leaves the previous checkpoint whole."""
+    """Atomic: a crash at any moment leaves the previous checkpoint whole; a failed write (a full disk) leaves no temp
+    file and ends the run with one line."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            reason = " ".join(str(e).split())[:100]  # one line
+            fail(f"cannot write {path} ({reason}): the previous one is kept; free space and --resume")
+        raise
+
+
+def load_checkpoint(path):
+    """The checkpoint to resume from, or one line on stderr (exit code 2) saying why there is none."""
+    if not path.is_file():
+        fail(f"--resume {path.parent}: no {path.name} there (the run stopped before its first save), so nothing "
+             f"to resume: delete {path.parent} and start again")
+    try:
+        with warnings.catch_warnings():  # torch warns about some foreign files before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, not a checkpoint, or holding objects that weights_only refuses to load
+        fail(f"--resume {path.parent}: {path.name} cannot be read ({type(e).__name__}): damaged or not a checkpoint")
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        fail(f"--resume {path.parent}: {path.name} is not a checkpoint of these scripts")
+    if ckpt.get("script", METHOD) != METHOD:
+        fail(f"--resume {path.parent}: its checkpoint was written by {ckpt['script']}.py, not {METHOD}.py")
+    return ckpt
+
+
+def check_writable(run_dir):
+    """Fail before the data loads if the run dir cannot be written (a file in its path, a read-only disk).
+    Leaves nothing behind."""
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"--run-dir {run_dir}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        fail(f"--run-dir {run_dir}: cannot write in {folder} ({e.strerror})")
+
+
+def check_finite(step, values, run_dir):
+    """Divergence: stop before a non-finite value is logged or saved. One line, exit code 3, the last checkpoint kept."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        print(f"{METHOD}.py: error: diverged by step {step}: {bad[0]} is {values[bad[0]]}; nothing of it was saved, "
+              f"{run_dir} keeps the last good checkpoint (a new run with a lower --lr may not diverge)",
+              file=sys.stderr)
+        sys.exit(3)
+
+
+def inference_model(ema_model, args, info, step):
+    """model.pt: the evaluated weights and what rebuilds the plain WideResNet (README: Evaluate and load a model)."""
+    arch = {"num_classes": ema_model.fc.out_features, "depth": args.depth, "width": args.width,
+            "in_channels": info.channels}
+    with torch.device("meta"):
+        keys = common.WideResNet(**arch).state_dict().keys()  # heads only the method uses are left out
+    weights = {k: v.cpu().contiguous() for k, v in ema_model.state_dict().items() if k in keys}  # loads without a GPU
+    return {"arch": arch, "weights": weights, "size": info.size, "mean": info.mean, "std": info.std,
+            "classes": list(info.classes), "script": METHOD, "step": step}
 
 
 if __name__ == "__main__":
+    t_start = time.perf_counter()
     args = parse_args()
     # DISTRIBUTED: under torchrun (WORLD_SIZE > 1) one process per device, NCCL on CUDA, gloo on CPU; a plain run is rank 0 of 1
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -187,8 +283,29 @@ if __name__ == "__main__":
         if rank > 0:
             sys.stdout = open(os.devnull, "w")  # only rank 0 prints
     run_dir = Path(args.run_dir)
+    if not args.eval_only:
+        check_writable(run_dir)
     if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
         fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt") if args.resume else None
+    if ckpt is not None and not args.eval_only and len(ckpt["rng_cpu"]) != world:  # DISTRIBUTED: state per rank
+        fail(f"--resume {run_dir}: its checkpoint was written by {len(ckpt['rng_cpu'])} process(es); resume it with as many")
+    if ckpt is not None and not args.eval_only and ckpt["step"] > args.total_steps:
+        fail(f"--resume {run_dir}: --total-steps {args.total_steps} is below the checkpoint's step {ckpt['step']}")
+    if ckpt is not None and not args.eval_only and ckpt["step"] == args.total_steps:
+        print(f"{run_dir}: already finished at step {ckpt['step']}; a larger --total-steps continues it")
+        sys.exit(0)
+
+    def interrupted(signum, frame):  # Ctrl-C, SIGTERM: one line on how to go on (the checkpoint on disk is whole)
+        at = f"at step {step}" if "step" in globals() else "before the first step"
+        how = "no checkpoint yet, nothing to resume"
+        if (run_dir / "checkpoint.pt").is_file():
+            how = f"continue with: python {METHOD}.py --resume {run_dir}"
+        if rank == 0:
+            print(f"{METHOD}.py: interrupted {at}; {how}", file=sys.stderr)
+        sys.exit(130)
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
 
     # TRY NOT TO MODIFY: seeding, device, data
     torch.manual_seed(args.seed)
@@ -199,6 +316,10 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         fail(e)
     info = data.info
+    sizes = [len(data.x_unlabeled), len(data.x_test), info.num_classes]  # the data a resume must find again
+    if ckpt is not None and ckpt.get("data", sizes) != sizes:
+        fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, "
+             f"now {sizes}): give its --dataset and --data-dir")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
     prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
 
@@ -221,20 +342,26 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: run dir, resume, logging
     start_step, best_acc, running, n_running = 0, 0.0, {}, 0
-    if args.resume and (run_dir / "checkpoint.pt").is_file():
-        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema_model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_step, best_acc, n_running = ckpt["step"], ckpt["best_acc"], ckpt["n_running"]
-        if len(ckpt["rng_cpu"]) != world:  # DISTRIBUTED: per-rank state below (RNG, metric sums), one entry per rank
-            fail(f"--resume {run_dir}: its checkpoint was written by {len(ckpt['rng_cpu'])} process(es); resume it with as many")
-        running = {k: v.to(device) for k, v in ckpt["running"][rank].items()}
-        torch.set_rng_state(ckpt["rng_cpu"][rank])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema_model.load_state_dict(ckpt["ema_model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_step, best_acc, n_running = ckpt["step"], ckpt["best_acc"], ckpt["n_running"]
+            running = {k: v.to(device) for k, v in ckpt["running"][rank].items()}
+            torch.set_rng_state(ckpt["rng_cpu"][rank])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
+        except (KeyError, ValueError, RuntimeError) as e:  # another method's or network's state
+            fail(f"--resume {run_dir}: its checkpoint does not fit this run ({' '.join(str(e).split())[:120]})")
+    if args.eval_only:  # the checkpoint's models on the test set: one line, nothing written
+        acc, loss_eval = evaluate(ema_model, data.x_test, data.y_test, info, autocast)
+        acc_raw, _ = evaluate(model, data.x_test, data.y_test, info, autocast)
+        print(f"{METHOD} | {run_dir} | step {start_step} | eval acc {acc:.2f} (raw model {acc_raw:.2f}) | "
+              f"loss {loss_eval:.4f}")
+        sys.exit(0)
     metrics_path = run_dir / "metrics.jsonl"
     if rank == 0:  # DISTRIBUTED: only rank 0 writes (every rank checked the run dir before DDP's first collective)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,11 +387,15 @@ if __name__ == "__main__":
     def log(row):
         if rank > 0:  # DISTRIBUTED: only rank 0 writes
             return
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = {k: v if math.isfinite(v) else None for k, v in row.items()}  # JSON has no NaN or inf: null
+        try:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: the checkpoint on disk is whole
+            fail(f"cannot write {metrics_path} ({e.strerror}): free space and --resume")
         if writer:
             for k, v in row.items():
-                if k != "step":
+                if k != "step" and v is not None:
                     writer.add_scalar(k, v, row["step"])
 
     print(f"{METHOD} | {args.dataset} {args.num_labels} labels | WRN-{args.depth}-{args.width} "
@@ -304,6 +435,7 @@ if __name__ == "__main__":
             if world > 1:  # DISTRIBUTED: sums over all ranks, so a row is the mean over every rank's steps
                 dist.all_reduce(sums)
             means = dict(zip(running, (sums / (world * n_running)).tolist()))  # the one host sync per log interval
+            check_finite(step, means, run_dir)
             its = (step - step_last) / (time.perf_counter() - t_last)
             lr = scheduler.get_last_lr()[0]
             log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
@@ -323,15 +455,21 @@ if __name__ == "__main__":
                 dist.all_gather_object(gathered := [None] * world, ranks[0])
                 ranks = gathered
             running_ranks, rng_cpu, rng_cuda = (list(t) for t in zip(*ranks))  # lists indexed by rank
+            unlogged = {k: float(v.sum()) for r in running_ranks for k, v in r.items()}  # since the last log row
+            check_finite(step, {**unlogged, "model weights": float(sum(p.detach().sum() for p in model.parameters()))}, run_dir)
             if rank == 0:  # DISTRIBUTED: only rank 0 writes
                 save_checkpoint({"step": step, "args": vars(args), "model": model.state_dict(), "ema_model": ema_model.state_dict(),
                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                  "best_acc": best_acc, "running": running_ranks, "n_running": n_running, "rng_cpu": rng_cpu,
-                                 "rng_cuda": rng_cuda}, run_dir / "checkpoint.pt")
+                                 "rng_cuda": rng_cuda, "script": METHOD, "data": sizes}, run_dir / "checkpoint.pt")
+                save_checkpoint(inference_model(ema_model, args, info, step), run_dir / "model.pt")
         if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
             t_last, step_last = time.perf_counter(), step  # it/s excludes evaluation and saving
     if writer:
         writer.close()
+    if rank == 0:
+        print(f"done: step {step} | eval acc {acc:.2f} (best {best_acc:.2f}) | "
+              f"{time.strftime('%H:%M:%S', time.gmtime(time.perf_counter() - t_start))} | {run_dir}", flush=True)
     if world > 1:  # DISTRIBUTED: every rank done (rank 0 may still be saving) before the group goes
         dist.barrier()
         dist.destroy_process_group()

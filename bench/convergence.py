@@ -22,8 +22,9 @@ time axis of acc_vs_time.png uses it (at each evaluation, the mean over seeds). 
 this harness around each script's process (start-up, data loading and evaluation included; summed over
 resumed invocations, less any invocation killed together with the harness).
 Resumable: a run whose metrics already hold the evaluation of its last step is skipped; a run dir left
-by an interrupted run is continued with the script's --resume (exact, see README); a run dir made with
-other arguments stops the harness with a message. So the work can be split (--scripts, --label-counts,
+by an interrupted run is continued with the script's --resume (exact, see README), or started again if
+the run was killed before its first checkpoint; a run dir made with other arguments stops the harness
+with a message. So the work can be split (--scripts, --label-counts,
 --seeds) over several harnesses sharing one --work-dir; a last call over everything, with every run
 complete, writes the whole table.
 
@@ -159,8 +160,8 @@ def run_one(name, labels, seed, cfg):
         check_same_args(run_dir, args)
         print(f"{name} {labels} labels seed {seed}: done already", flush=True)
         return run_dir
-    if run_dir.exists() and not (run_dir / "args.json").is_file():
-        shutil.rmtree(run_dir)  # killed before it wrote anything: start again
+    if run_dir.exists() and not (run_dir / "checkpoint.pt").is_file():
+        shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing to resume, start again
     if run_dir.exists():
         check_same_args(run_dir, args)
         cmd = [sys.executable, str(ROOT / script), "--resume", str(run_dir)]

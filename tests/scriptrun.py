@@ -41,10 +41,25 @@ def run_killed(script, *args):
     return checkpoint(run_dir)["step"]
 
 
-def run_inprocess(script, *args):
-    """The script as __main__ in this process; returns its globals (model, ema_model, ...)."""
-    with mock.patch.object(sys, "argv", [script, *map(str, args)]):
-        return runpy.run_path(str(ROOT / script), run_name="__main__")
+def run_inprocess(script, *args, exit_ok=False):
+    """The script as __main__ in this process; returns its globals (model, ema_model, ...). With exit_ok, a script
+    that stops with exit code 0 (--eval-only, a finished run) returns its globals too. The signal handlers the
+    script installs (Ctrl-C, SIGTERM) are put back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    path = ROOT / script
+    scope = {"__name__": "__main__", "__file__": str(path)}
+    try:
+        with mock.patch.object(sys, "argv", [script, *map(str, args)]):
+            if not exit_ok:
+                return runpy.run_path(str(path), run_name="__main__")
+            exec(compile(path.read_text(), str(path), "exec"), scope)  # runpy would drop the globals on SystemExit
+    except SystemExit as e:
+        if not exit_ok or e.code not in (0, None):
+            raise
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return scope
 
 
 def rows(run_dir):

@@ -74,6 +74,7 @@ def test_bad_input_is_one_line_and_exit_2(script, case, data_dir, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert message in proc.stderr
     assert not (tmp_path / "r").exists(), "a failed start must not leave a run behind"
+    assert not (tmp_path / "empty").exists(), "a failed load must not leave an empty data dir behind"
 
 
 def test_existing_run_dir_is_not_overwritten(data_dir, tmp_path):

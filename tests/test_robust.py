@@ -1,0 +1,267 @@
+"""Nothing a user does loses or mixes a run: bad values refused before anything runs, resume guards (damaged,
+missing, foreign or finished checkpoints, another script, dataset, data or network), divergence, unwritable run
+dirs, a full disk and Ctrl-C, each ending in one line on stderr with the previous state intact.
+
+Argument checks run in-process on every script; run-level cases on supervised.py and on mpl.py (two networks)."""
+
+import errno
+import json
+import pickle
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fakedata import make_fake_dataset
+from scriptrun import OFFLINE, ROOT, TINY, checkpoint, run_inprocess
+from test_scripts import SCRIPTS
+
+SMALL = [*TINY, "--total-steps", 6, "--mu", 1]  # checkpoints at steps 5 and 6
+
+
+def refused(capsys, script, *args, code=2):
+    """Run the script in-process, expecting exit `code` with one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        run_inprocess(script, *args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == code, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def parse(script, argv):
+    """The script's parse_args(argv), without running the script."""
+    return runpy.run_path(str(ROOT / script), run_name="parse_only")["parse_args"](list(map(str, argv)))
+
+
+def files(run_dir):
+    """Every file of a run dir with its bytes: a refused start must leave them as they were."""
+    return {p.name: p.read_bytes() for p in sorted(Path(run_dir).iterdir())}
+
+
+def strict_rows(run_dir):
+    """metrics.jsonl read as strict JSON: a bare NaN or Infinity fails."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=refuse) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """A finished 6-step run of supervised.py and of mpl.py, never modified: tests work on copies."""
+    root = tmp_path_factory.mktemp("runs")
+    for script in ("supervised.py", "mpl.py"):
+        run_inprocess(script, *SMALL, "--data-dir", data_dir, "--run-dir", root / script)
+    return root
+
+
+def copy(runs, script, tmp_path):
+    return Path(shutil.copytree(runs / script, tmp_path / "run"))
+
+
+BAD_VALUES = {
+    "--lr": (["-0.1", "0", "nan"], "--lr must be positive"),
+    "--weight-decay": (["-1"], "--weight-decay must be >= 0"),
+    "--momentum": (["1", "-0.5"], "--momentum must be in [0, 1)"),
+    "--ema-decay": (["2", "-1"], "--ema-decay must be in [0, 1]"),
+    "--bn-momentum": (["5", "0"], "--bn-momentum must be in (0, 1]"),
+    "--device": (["cpux", "gpu"], "is not a device"),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_values_torch_rejects_are_refused_before_anything_runs(script, capsys, tmp_path):
+    for flag, (values, message) in BAD_VALUES.items():
+        for value in values:
+            with pytest.raises(SystemExit) as e:
+                parse(script, [*TINY, flag, value])
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, (flag, value, err)
+    with pytest.raises(SystemExit):
+        parse(script, [*TINY, "--eval-only"])
+    assert "--eval-only needs --resume" in capsys.readouterr().err
+    args = parse(script, TINY)
+    assert args.script == script[:-3]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_has_the_whole_title_and_the_defaults(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(script, ["--help"])
+    doc = runpy.run_path(str(ROOT / script), run_name="parse_only")["__doc__"]
+    squeeze = lambda text: "".join(text.split())  # argparse re-wraps the text
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and squeeze(doc.split("\n\n")[0]) in squeeze(out)
+    assert "(default: 0.9)" in squeeze(out).replace("(default:", "(default: ")  # --momentum's default is shown
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_refuses_another_script_dataset_split_or_network(script, capsys, tmp_path):
+    """Checked from args.json alone, before any data loads."""
+    other = "pi_model" if script != "pi_model.py" else "supervised"
+    saved = vars(parse(other + ".py", TINY))
+    (tmp_path / "args.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit):
+        parse(script, ["--resume", tmp_path])
+    assert f"made by {other}.py" in capsys.readouterr().err
+    (tmp_path / "args.json").write_text(json.dumps({**saved, "script": script[:-3]}))
+    for flags, message in ((["--dataset", "mnist"], "--dataset fashion_mnist (now mnist)"),
+                           (["--width", "2"], "--width 1 (now 2)"), (["--seed", "3"], "--seed 0 (now 3)")):
+        with pytest.raises(SystemExit):
+            parse(script, ["--resume", tmp_path, *flags])
+        assert message in capsys.readouterr().err
+    (tmp_path / "args.json").write_text('{"dataset": "fashion')  # cut by a full disk, say
+    with pytest.raises(SystemExit):
+        parse(script, ["--resume", tmp_path])
+    assert "args.json is not valid JSON" in capsys.readouterr().err
+
+
+def malicious(path):
+    class Boom:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+    path.write_bytes(pickle.dumps(Boom()))
+
+
+CORRUPT = {
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "random bytes": lambda p: p.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()),
+    "empty": lambda p: p.write_bytes(b""),
+    "unsafe pickle": malicious,
+    "not a checkpoint": lambda p: torch.save(torch.zeros(3), p),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_a_damaged_checkpoint_is_refused_in_one_line(case, runs, capsys, tmp_path):
+    run_dir = copy(runs, "supervised.py", tmp_path)
+    CORRUPT[case](run_dir / "checkpoint.pt")
+    before = files(run_dir)
+    err = refused(capsys, "supervised.py", "--resume", run_dir, "--total-steps", 20)
+    assert "checkpoint" in err and "weights_only=False" not in err and "must never run" not in err
+    assert files(run_dir) == before
+
+
+def test_no_checkpoint_is_no_silent_restart(runs, capsys, tmp_path):
+    run_dir = copy(runs, "supervised.py", tmp_path)
+    (run_dir / "checkpoint.pt").unlink()
+    before = files(run_dir)
+    assert "nothing to resume" in refused(capsys, "supervised.py", "--resume", run_dir, "--total-steps", 20)
+    assert files(run_dir) == before
+
+
+@pytest.mark.parametrize("script", ["supervised.py", "mpl.py"])
+def test_finished_and_shortened_runs(script, runs, capsys, tmp_path):
+    run_dir = copy(runs, script, tmp_path)
+    before = files(run_dir)
+    with pytest.raises(SystemExit) as e:
+        run_inprocess(script, "--resume", run_dir)
+    assert e.value.code == 0 and "already finished at step 6" in capsys.readouterr().out
+    assert "below the checkpoint's step 6" in refused(capsys, script, "--resume", run_dir, "--total-steps", 4)
+    assert files(run_dir) == before
+
+
+@pytest.mark.parametrize("script", ["supervised.py", "mpl.py"])
+def test_another_scripts_checkpoint_and_other_data_are_refused(script, runs, capsys, tmp_path):
+    run_dir = copy(runs, script, tmp_path)
+    other = "mpl.py" if script == "supervised.py" else "supervised.py"
+    before = files(run_dir)
+    assert f"made by {script}" in refused(capsys, other, "--resume", run_dir, "--total-steps", 20)
+    # a run from before scripts were recorded: the checkpoint's state does not fit the other script's
+    args = json.loads((run_dir / "args.json").read_text())
+    (run_dir / "args.json").write_text(json.dumps({k: v for k, v in args.items() if k != "script"}))
+    ckpt = checkpoint(run_dir)
+    torch.save({k: v for k, v in ckpt.items() if k != "script"}, run_dir / "checkpoint.pt")
+    legacy = files(run_dir)
+    other = "mpl.py" if script == "supervised.py" else "flexmatch.py"  # their state: a teacher, FlexMatch's marks
+    assert "does not fit this run" in refused(capsys, other, "--resume", run_dir, "--total-steps", 20)
+    # other data under the same dataset name: fewer training images
+    other_data = tmp_path / "other_data"
+    make_fake_dataset("fashion_mnist", other_data, n_train=120, n_test=40)
+    err = refused(capsys, script, "--resume", run_dir, "--total-steps", 20, "--data-dir", other_data)
+    assert "other data" in err and "[200, 40, 10]" in err
+    assert files(run_dir) == legacy and before["metrics.jsonl"] == legacy["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("where", ["log", "save"])
+def test_divergence_stops_before_saving_and_logs_no_nan(where, data_dir, capsys, monkeypatch, tmp_path):
+    """A forced NaN loss from the first step (so NaN weights after it). Caught at the log row (step 4) or, when the
+    save comes first (step 3, log every 100), at the save; an evaluation in between logs null, never a bare NaN."""
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    run_dir = tmp_path / "run"
+    periods = ["--log-every", 4, "--save-every", 100] if where == "log" else ["--log-every", 100, "--save-every", 3]
+    err = refused(capsys, "supervised.py", *TINY, "--data-dir", data_dir, "--run-dir", run_dir, "--total-steps", 20,
+                  "--eval-every", 2, *periods, code=3)
+    assert f"diverged by step {4 if where == 'log' else 3}: losses/total is nan" in err
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "model.pt").exists()
+    evals = [r for r in strict_rows(run_dir) if "eval/acc" in r]
+    assert [r["step"] for r in evals] == [2] and evals[0]["eval/loss"] is None
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, capsys, monkeypatch, tmp_path):
+    run_dir = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):  # the third save (step 4's checkpoint) finds the disk full half way
+        calls.append(1)
+        if len(calls) == 3:
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    err = refused(capsys, "supervised.py", *TINY, "--data-dir", data_dir, "--run-dir", run_dir, "--total-steps", 4,
+                  "--save-every", 2)
+    assert "cannot write" in err and "checkpoint.pt" in err
+    assert checkpoint(run_dir)["step"] == 2 and not list(run_dir.glob("*.tmp"))
+    monkeypatch.setattr(torch, "save", real_save)
+    run_inprocess("supervised.py", "--resume", run_dir)  # and the run goes on from there
+    assert checkpoint(run_dir)["step"] == 4
+
+
+def test_an_os_error_while_saving_is_one_line_too(data_dir, capsys, monkeypatch, tmp_path):
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("os.fsync", fsync)
+    err = refused(capsys, "mpl.py", *TINY, "--mu", 1, "--data-dir", data_dir, "--run-dir", tmp_path / "run",
+                  "--total-steps", 2, "--save-every", 1)
+    assert "No space left on device" in err and not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_unwritable_run_dirs_are_refused_before_the_data_loads(capsys, monkeypatch, tmp_path):
+    """--data-dir does not exist: had the data loaded first, the error would be about the data."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    nowhere = ["--data-dir", tmp_path / "no_data", "--dataset", "mnist"]
+    assert "is a file, not a folder" in refused(capsys, "supervised.py", *TINY, *nowhere, "--run-dir", a_file / "run")
+    assert "is a file, not a folder" in refused(capsys, "supervised.py", *TINY, *nowhere, "--run-dir", a_file)
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)
+    err = refused(capsys, "supervised.py", *TINY, *nowhere, "--run-dir", tmp_path / "ro" / "run")
+    assert "cannot write in" in err and "Read-only file system" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler or torchrun stopping the run
+def test_ctrl_c_says_how_to_resume(signum, data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "supervised.py"), *map(str, TINY), "--data-dir", data_dir, "--run-dir", run_dir,
+           "--total-steps", 100000, "--save-every", 2]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=OFFLINE)
+    while not (run_dir / "checkpoint.pt").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=60)[1].strip()
+    assert proc.returncode == 130 and len(err.splitlines()) == 1, err
+    assert f"continue with: python supervised.py --resume {run_dir}" in err
+    assert checkpoint(run_dir)["step"] >= 2 and not list(run_dir.glob("*.tmp"))
