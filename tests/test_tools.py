@@ -97,7 +97,7 @@ def test_folder_dataset_loads_resized_rgb_images(tmp_path):
     assert torch.equal(extra_x[:, 0], extra_x[:, 1])  # greyscale made RGB
     pixels = train_x.float().div(255)
     assert torch.allclose(torch.tensor(info.mean), pixels.mean((0, 2, 3)), atol=1e-5)
-    first = torch.from_numpy(np.asarray(Image.open(root / "train" / "cat" / "0.png"))).permute(2, 0, 1)
+    first = torch.from_numpy(np.array(Image.open(root / "train" / "cat" / "0.png"))).permute(2, 0, 1)
     assert torch.equal(train_x[0], first)  # already 10 x 10: unchanged
 
 
