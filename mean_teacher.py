@@ -17,8 +17,8 @@ Choices, where the references differ or are silent:
     - The teacher IS the EMA model that every script evaluates: no second average is kept.
     - alpha_t: the template's (1 + t) / (10 + t) warm-up, capped at 0.999. The paper's
       1 - 1/(t + 1) makes the teacher the plain average of every weight since init, which early in
-      a run lags the student by half the run; its TF code uses 0.99 during the ramp-up and 0.999
-      after, and (1 + t) / (10 + t) passes 0.99 at t = 890 and 0.999 at t = 8990.
+      a run lags the student by half the steps taken so far; its TF code uses 0.99 during the
+      ramp-up and 0.999 after, and (1 + t) / (10 + t) passes 0.99 at t = 890 and 0.999 at t = 8990.
     - Under torchrun the teacher's parameters follow the synchronised student, so they agree on every
       rank; its BatchNorm running statistics are per rank (unused in training; rank 0's are evaluated).
     - Teacher BatchNorm: the teacher forwards its own view of the unlabeled batch in TRAIN mode (no
