@@ -67,11 +67,11 @@ def copy(runs, script, tmp_path):
 
 
 BAD_VALUES = {
-    "--lr": (["-0.1", "0", "nan"], "--lr must be positive"),
-    "--weight-decay": (["-1"], "--weight-decay must be >= 0"),
-    "--momentum": (["1", "-0.5"], "--momentum must be in [0, 1)"),
-    "--ema-decay": (["2", "-1"], "--ema-decay must be in [0, 1]"),
-    "--bn-momentum": (["5", "0"], "--bn-momentum must be in (0, 1]"),
+    "--lr": (["-0.1", "0", "nan"], "argument --lr: must be positive"),
+    "--weight-decay": (["-1"], "argument --weight-decay: must be >= 0"),
+    "--momentum": (["1", "-0.5"], "argument --momentum: must be in [0, 1)"),
+    "--ema-decay": (["2", "-1"], "argument --ema-decay: must be in [0, 1]"),
+    "--bn-momentum": (["5", "0"], "argument --bn-momentum: must be in (0, 1]"),
     "--device": (["cpux", "gpu"], "is not a device"),
 }
 

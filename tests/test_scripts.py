@@ -20,7 +20,7 @@ def test_runs_and_writes_a_run(script, data_dir, tmp_path):
     evals = [r for r in rows(out) if "eval/acc" in r]
     assert [r["step"] for r in evals] == [6, 12] and all(0 <= r["eval/acc"] <= 100 for r in evals)
     train = [r for r in rows(out) if "losses/total" in r]
-    assert [r["step"] for r in train] == [4, 8, 12] and all(r["losses/total"] > 0 for r in train)
+    assert [r["step"] for r in train] == [4, 5, 8, 10, 12] and all(r["losses/total"] > 0 for r in train)  # and at saves
     ckpt = checkpoint(out)
     assert ckpt["step"] == 12 and set(ckpt) >= {"model", "ema_model", "optimizer", "scheduler", "scaler", "rng_cpu"}
     args = json.loads((out / "args.json").read_text())
@@ -56,7 +56,7 @@ BAD = {
     "labels not divisible": (["--num-labels", "15"], "multiple"),
     "labels too many": (["--num-labels", "1000"], "rarest class"),
     "unknown dataset": (["--dataset", "imagenet"], "invalid choice"),
-    "zero steps": (["--total-steps", "0"], "--total-steps must be positive"),
+    "zero steps": (["--total-steps", "0"], "argument --total-steps: must be positive"),
     "bad depth": (["--depth", "11"], "6n+4"),
     "not a float": (["--lr", "fast"], "invalid float"),
     "resume nothing": (["--resume", "/nonexistent/run"], "not a run dir"),

@@ -1,0 +1,73 @@
+"""The template is the same in every method script: outside the docstring and the method's own regions (each runs
+from a `# ALGO LOGIC` comment to the next `# TRY NOT TO MODIFY` comment), a script's lines are supervised.py's, in
+the same order. So `diff supervised.py <method>.py` shows the method and nothing else."""
+
+import ast
+import difflib
+
+import pytest
+from scriptrun import ROOT
+from scripts import SCRIPTS
+
+METHOD_REGION, TEMPLATE_REGION = "# ALGO LOGIC", "# TRY NOT TO MODIFY"
+
+
+def template_lines(text):
+    """The lines outside the module docstring and the ALGO LOGIC regions, as (line number, text)."""
+    lines = text.splitlines()
+    doc_end = ast.parse(text).body[0].end_lineno  # the docstring is the method's
+    kept, in_method = [], False
+    for number, line in enumerate(lines[doc_end:], doc_end + 1):
+        if line.strip().startswith(METHOD_REGION):
+            in_method = True
+        elif line.strip().startswith(TEMPLATE_REGION):
+            in_method = False
+        if not in_method:
+            kept.append((number, line))
+    return kept
+
+
+def template_differences(text, template):
+    """The template lines that `text` changed, dropped (-) or added (+); [] when it keeps them all."""
+    ours, theirs = ([line for _, line in template_lines(t)] for t in (template, text))
+    diff = difflib.unified_diff(ours, theirs, "supervised.py", "script", n=0, lineterm="")
+    return [d for d in diff if d[:1] in "+-" and d[:3] not in ("---", "+++")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS[1:])
+def test_template_lines_are_supervised_py_s(script):
+    template, text = ((ROOT / s).read_text() for s in ("supervised.py", script))
+    assert template_differences(text, template) == []
+
+
+def test_a_changed_dropped_or_unmarked_line_is_caught():
+    """The check itself: a method region may go before any template marker; a template line changed, dropped or added
+    outside a region is caught, and so is a region closed by a marker of its own."""
+    template = (ROOT / "supervised.py").read_text()
+    marker = "        # TRY NOT TO MODIFY: EMA, metric sums"
+    assert marker in template
+    region = "        # ALGO LOGIC: a method's line\n        x = 1\n"
+    assert template_differences(template.replace(marker, region + marker), template) == []
+    line = "        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))\n"
+    assert line in template
+    old_rule = line.replace("10 + step", "1 + step")  # the EMA decay issue 11 replaced
+    assert template_differences(template.replace(line, old_rule), template) == ["-" + line[:-1], "+" + old_rule[:-1]]
+    assert template_differences(template.replace(line, ""), template) == ["-" + line[:-1]]
+    assert template_differences(template.replace(line, line + "        x = 1\n"), template) == ["+        x = 1"]
+    closed = template.replace(line, line + region + "        # TRY NOT TO MODIFY: mine\n")
+    assert template_differences(closed, template) == ["+        # TRY NOT TO MODIFY: mine"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_method_helpers_come_first(script):
+    """A method's own functions and classes sit in one place: after the imports, before the template's."""
+    tree = ast.parse((ROOT / script).read_text())
+    template = {n.name for n in ast.parse((ROOT / "supervised.py").read_text()).body if hasattr(n, "name")}
+    defs = [(n.lineno, n.name in template) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    first_template = min(line for line, ours in defs if ours)
+    assert all(line < first_template for line, ours in defs if not ours)
+
+
+def test_every_script_is_listed():
+    found = sorted(p.name for p in ROOT.glob("*.py") if p.name != "common.py")
+    assert found == sorted(SCRIPTS)
