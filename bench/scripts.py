@@ -1,5 +1,11 @@
-"""The method scripts, in the README's order: the one list the tests and the benchmarks use."""
+"""What the benchmarks share: the method scripts, in the README's order (the one list the tests and the benchmarks
+use), and the command-line pieces every tool repeats (one-line errors, positive values, --scripts checks)."""
 
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [
     "supervised.py",
     "pi_model.py",
@@ -11,3 +17,37 @@ SCRIPTS = [
     "mpl.py",
     "maxl.py",
 ]
+
+
+def fail(message):
+    """Bad input: one line on stderr naming the tool, exit code 2, nothing written."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parser(doc):
+    """An argparse parser titled by the docstring's first line, whose errors are one line (fail)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.error = fail
+    return p
+
+
+def positive(text):
+    """An argparse type: a positive integer."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+positive.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
+
+
+def check_scripts(names, known, files=True):
+    """--scripts: every name known and, with files, each script present in the repository."""
+    unknown = [s for s in names if s not in known]
+    if unknown:
+        fail(f"--scripts: unknown {' '.join(unknown)}; choose from {' '.join(known)}")
+    missing = sorted({known[s] if isinstance(known, dict) else s for s in names} - {p.name for p in ROOT.glob("*.py")})
+    if files and missing:
+        fail(f"--scripts: {' '.join(missing)} not found in {ROOT}")

@@ -36,7 +36,6 @@ ops) in one process, as one DataLoader worker of the public code runs it: median
 batches after one warm-up batch.
 """
 
-import argparse
 import contextlib
 import gc
 import io
@@ -56,29 +55,24 @@ import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
+from scripts import ROOT, SCRIPTS, check_scripts, fail, parser, positive
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
-from common import strong_augment, weak_augment  # noqa: E402
 from fakedata import fake_integrity, make_fake_dataset  # noqa: E402  (bench/ is this file's folder)
 
-SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py",
-           "dst.py", "mpl.py", "maxl.py"]
+import common  # noqa: E402
+from common import strong_augment, weak_augment  # noqa: E402
+
 # Dense (no sparsity) bf16 tensor-core peak in FLOP/s, by a substring of torch.cuda.get_device_name, the
 # first match wins. NVIDIA data sheets: H100 SXM and H200 989.4 TFLOP/s, H100 PCIe 756, A100 312.
 PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12)]
 # Step-benchmark sizes. default: what a GPU user runs (each script's own B and mu, WRN-28-2).
 # cpu: WRN-28-2 at B 4, mu 2, so that the nine scripts take a few minutes on 2 CPU cores.
-PRESETS = {"default": {"batch_size": None, "mu": None, "depth": 28, "width": 2, "steps": 300, "log_every": 50},
-           "cpu": {"batch_size": 4, "mu": 2, "depth": 28, "width": 2, "steps": 24, "log_every": 4}}
-
-
-def fail(message):
-    """Bad input: one line on stderr, exit code 2, nothing written."""
-    print(f"throughput.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+PRESETS = {
+    "default": {"batch_size": None, "mu": None, "depth": 28, "width": 2, "steps": 300, "log_every": 50},
+    "cpu": {"batch_size": 4, "mu": 2, "depth": 28, "width": 2, "steps": 24, "log_every": 4},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +95,7 @@ class Probe:
             self.draws += 1
             self.rows += batch_size
             return fn(batch_size, *tensors, **kwargs)
+
         return wrapper
 
     def _timed(self, fn):
@@ -123,12 +118,15 @@ class Probe:
                 end = time.perf_counter()
             self.spans.append((self.draws, start, end))
             return out
+
         return wrapper
 
     def __enter__(self):
-        self._patches = [mock.patch.object(common, "sample_batch", self._sample_batch(common.sample_batch)),
-                         mock.patch.object(common, "weak_augment", self._timed(common.weak_augment)),
-                         mock.patch.object(common, "strong_augment", self._timed(common.strong_augment))]
+        self._patches = [
+            mock.patch.object(common, "sample_batch", self._sample_batch(common.sample_batch)),
+            mock.patch.object(common, "weak_augment", self._timed(common.weak_augment)),
+            mock.patch.object(common, "strong_augment", self._timed(common.strong_augment)),
+        ]
         for p in self._patches:
             p.start()
         return self
@@ -151,8 +149,12 @@ def run_script(script, args, quiet=True):
     err = io.StringIO()
     out = io.StringIO() if quiet else sys.stdout
     try:
-        with mock.patch.object(sys, "argv", [script, *map(str, args)]), fake_integrity(), \
-                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with (
+            mock.patch.object(sys, "argv", [script, *map(str, args)]),
+            fake_integrity(),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
             runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as e:
         raise RuntimeError(f"{script} exited with {e.code}: {err.getvalue().strip()}") from None
@@ -183,14 +185,44 @@ def peak_bf16(device):
 def measure_script(script, cfg, data_dir, run_root, device):
     """One script's row: its batch sizes, images/step, steps/s, images/s, aug share, peak memory,
     GFLOP/step and MFU (None where not measured on this device)."""
-    base = ["--dataset", "cifar10", "--data-dir", data_dir, "--num-labels", cfg["num_labels"], "--seed", 0,
-            "--depth", cfg["depth"], "--width", cfg["width"], "--device", device.type]
-    base += [x for flag in ("batch_size", "mu", "amp") if cfg[flag] is not None
-             for x in (f"--{flag.replace('_', '-')}", cfg[flag])]
+    base = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        data_dir,
+        "--num-labels",
+        cfg["num_labels"],
+        "--seed",
+        0,
+        "--depth",
+        cfg["depth"],
+        "--width",
+        cfg["width"],
+        "--device",
+        device.type,
+    ]
+    base += [
+        x
+        for flag in ("batch_size", "mu", "amp")
+        if cfg[flag] is not None
+        for x in (f"--{flag.replace('_', '-')}", cfg[flag])
+    ]
     steps, log_every = cfg["steps"], cfg["log_every"]
     run_dir = Path(run_root) / Path(script).stem
-    timed = [*base, "--total-steps", steps, "--log-every", log_every, "--eval-every", steps, "--save-every", steps,
-             "--run-dir", run_dir, *(["--compile"] if cfg["compile"] else [])]
+    timed = [
+        *base,
+        "--total-steps",
+        steps,
+        "--log-every",
+        log_every,
+        "--eval-every",
+        steps,
+        "--save-every",
+        steps,
+        "--run-dir",
+        run_dir,
+        *(["--compile"] if cfg["compile"] else []),
+    ]
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -212,8 +244,19 @@ def measure_script(script, cfg, data_dir, run_root, device):
 
     flops = []
     for n in (1, 2):  # the difference is one training step
-        untimed = [*base, "--total-steps", n, "--log-every", n, "--eval-every", n, "--save-every", n,
-                   "--run-dir", Path(run_root) / f"{Path(script).stem}_flops{n}"]
+        untimed = [
+            *base,
+            "--total-steps",
+            n,
+            "--log-every",
+            n,
+            "--eval-every",
+            n,
+            "--save-every",
+            n,
+            "--run-dir",
+            Path(run_root) / f"{Path(script).stem}_flops{n}",
+        ]
         torch.manual_seed(0)
         with FlopCounterMode(display=False) as counter:
             run_script(script, untimed)
@@ -221,23 +264,37 @@ def measure_script(script, cfg, data_dir, run_root, device):
     flop_per_step = flops[1] - flops[0]
     peak = peak_bf16(device)
     images_per_step = probe.rows // steps
-    return {"script": script, "batch_size": saved["batch_size"], "mu": saved["mu"], "images_per_step": images_per_step,
-            "steps_per_s": steps_per_s, "images_per_s": images_per_step * steps_per_s,
-            "aug_share": aug_seconds / train_seconds, "peak_mem_bytes": peak_mem, "gflop_per_step": flop_per_step / 1e9,
-            "mfu": flop_per_step * steps_per_s / peak if peak else None, "log_intervals": intervals}
+    return {
+        "script": script,
+        "batch_size": saved["batch_size"],
+        "mu": saved["mu"],
+        "images_per_step": images_per_step,
+        "steps_per_s": steps_per_s,
+        "images_per_s": images_per_step * steps_per_s,
+        "aug_share": aug_seconds / train_seconds,
+        "peak_mem_bytes": peak_mem,
+        "gflop_per_step": flop_per_step / 1e9,
+        "mfu": flop_per_step * steps_per_s / peak if peak else None,
+        "log_intervals": intervals,
+    }
 
 
 def step_table(rows):
     def opt(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    out = ["| script | B | mu | images/step | steps/s | images/s | aug share | peak mem (GiB) | GFLOP/step | MFU (bf16 peak) |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    out = [
+        "| script | B | mu | images/step | steps/s | images/s | aug share | peak mem (GiB) | GFLOP/step "
+        "| MFU (bf16 peak) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
-        out.append(f"| `{r['script']}` | {r['batch_size']} | {r['mu']} | {r['images_per_step']} | {r['steps_per_s']:.2f} | "
-                   f"{r['images_per_s']:,.0f} | {r['aug_share']:.1%} | {opt(mem, '.2f')} | {r['gflop_per_step']:.4g} | "
-                   f"{opt(r['mfu'], '.2%')} |")
+        out.append(
+            f"| `{r['script']}` | {r['batch_size']} | {r['mu']} | {r['images_per_step']} | {r['steps_per_s']:.2f} | "
+            f"{r['images_per_s']:,.0f} | {r['aug_share']:.1%} | {opt(mem, '.2f')} | {r['gflop_per_step']:.4g} | "
+            f"{opt(r['mfu'], '.2%')} |"
+        )
     return out
 
 
@@ -248,6 +305,7 @@ def step_table(rows):
 
 def _median_seconds(fn, repeats, device):
     """Median wall time of fn() over `repeats` calls, after one untimed warm-up call."""
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -274,20 +332,19 @@ def augmentation_throughput(device, batch_size=448, repeats=10, seed=0):
     weak_pil = [T.RandomHorizontalFlip(), T.RandomCrop(32, padding=4, padding_mode="reflect")]
     pipelines = {
         "PIL weak: flip + crop(pad 4, reflect)": T.Compose([*weak_pil, T.PILToTensor()]),
-        "PIL strong: weak + RandAugment(num_ops=3)":
-            T.Compose([*weak_pil, T.RandAugment(num_ops=3), T.PILToTensor()]),
+        "PIL strong: weak + RandAugment(num_ops=3)": T.Compose([*weak_pil, T.RandAugment(num_ops=3), T.PILToTensor()]),
     }
 
     def per_image(transform):
         return lambda: torch.stack([transform(Image.fromarray(a)) for a in arrays])
 
     batched = f"{device.type}, batched"
-    rows = [("weak_augment", batched, lambda: weak_augment(x), device),
-            ("strong_augment", batched, lambda: strong_augment(x), device)]
-    rows += [(name, "cpu, per image, 1 process", per_image(t), torch.device("cpu"))
-             for name, t in pipelines.items()]
-    return [(name, runs_on, batch_size / _median_seconds(fn, repeats, dev))
-            for name, runs_on, fn, dev in rows]
+    rows = [
+        ("weak_augment", batched, lambda: weak_augment(x), device),
+        ("strong_augment", batched, lambda: strong_augment(x), device),
+    ]
+    rows += [(name, "cpu, per image, 1 process", per_image(t), torch.device("cpu")) for name, t in pipelines.items()]
+    return [(name, runs_on, batch_size / _median_seconds(fn, repeats, dev)) for name, runs_on, fn, dev in rows]
 
 
 def markdown_table(rows):
@@ -315,41 +372,57 @@ def _cpu_model():
 def machine_lines(device):
     """Markdown lines describing the machine, the versions and the command."""
     device = torch.device(device)
-    lines = [f"- machine: {_cpu_model()}, {os.cpu_count()} logical CPUs, "
-             f"torch threads {torch.get_num_threads()}"]
+    lines = [f"- machine: {_cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"]
     if device.type == "cuda":
         lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
-    lines.append(f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
-                 f"Python {platform.python_version()}")
+    lines.append(
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}"
+    )
     lines.append(f"- command: `python {' '.join(sys.argv)}`")
     return lines
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.error = fail
+    p = parser(__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="step-benchmark sizes: default (each script's own B and mu, WRN-28-2) or cpu (WRN-28-2, B 4, mu 2); "
-                        "default: default on cuda, cpu on cpu")
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="step-benchmark sizes: default (each script's own B and mu, WRN-28-2) or cpu (WRN-28-2, B 4, mu 2); "
+        "default: default on cuda, cpu on cpu",
+    )
     p.add_argument("--scripts", nargs="+", default=SCRIPTS, help="scripts to time")
-    p.add_argument("--batch-size", type=int, default=None, help="labeled batch B for every script (overrides the preset)")
-    p.add_argument("--mu", type=int, default=None, help="unlabeled ratio for every script (overrides the preset)")
-    p.add_argument("--depth", type=int, default=None, help="WideResNet depth (overrides the preset)")
-    p.add_argument("--width", type=int, default=None, help="WideResNet width (overrides the preset)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per script (overrides the preset)")
-    p.add_argument("--log-every", type=int, default=None, help="steps per timed interval (overrides the preset)")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="passed to the scripts (their default: bf16 on cuda)")
-    p.add_argument("--compile", action="store_true", help="pass --compile to the scripts (not to the FLOP-counting runs)")
-    p.add_argument("--num-labels", type=int, default=250, help="labeled examples of the fake CIFAR-10")
-    p.add_argument("--train-size", type=int, default=5000, help="images in the fake CIFAR-10 training set")
-    p.add_argument("--test-size", type=int, default=200, help="images in the fake CIFAR-10 test set")
-    p.add_argument("--aug-batch-size", type=int, default=448, help="images per timed augmentation batch")
-    p.add_argument("--repeats", type=int, default=10, help="timed augmentation batches (median reported)")
+    p.add_argument(
+        "--batch-size", type=positive, default=None, help="labeled batch B for every script (overrides the preset)"
+    )
+    p.add_argument("--mu", type=positive, default=None, help="unlabeled ratio for every script (overrides the preset)")
+    p.add_argument("--depth", type=positive, default=None, help="WideResNet depth (overrides the preset)")
+    p.add_argument("--width", type=positive, default=None, help="WideResNet width (overrides the preset)")
+    p.add_argument("--steps", type=positive, default=None, help="training steps per script (overrides the preset)")
+    p.add_argument("--log-every", type=positive, default=None, help="steps per timed interval (overrides the preset)")
+    p.add_argument(
+        "--amp",
+        choices=["bf16", "fp16", "none"],
+        default=None,
+        help="passed to the scripts (their default: bf16 on cuda)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="pass --compile to the scripts (not to the FLOP-counting runs)"
+    )
+    p.add_argument("--num-labels", type=positive, default=250, help="labeled examples of the fake CIFAR-10")
+    p.add_argument("--train-size", type=positive, default=5000, help="images in the fake CIFAR-10 training set")
+    p.add_argument("--test-size", type=positive, default=200, help="images in the fake CIFAR-10 test set")
+    p.add_argument("--aug-batch-size", type=positive, default=448, help="images per timed augmentation batch")
+    p.add_argument("--repeats", type=positive, default=10, help="timed augmentation batches (median reported)")
     p.add_argument("--no-steps", action="store_true", help="skip the training-step benchmark")
     p.add_argument("--no-augment", action="store_true", help="skip the augmentation benchmark")
-    p.add_argument("--out", default=None, help="markdown file, default bench/results/throughput_<device>_<preset>.md "
-                                               "(the numbers also go to the same name with .json)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="markdown file, default bench/results/throughput_<device>_<preset>.md "
+        "(the numbers also go to the same name with .json)",
+    )
     p.add_argument("--keep-runs", default=None, help="keep the scripts' run dirs here (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -358,17 +431,9 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    unknown = [s for s in args.scripts if s not in SCRIPTS]
-    if unknown:
-        fail(f"--scripts: unknown {' '.join(unknown)}; choose from {' '.join(SCRIPTS)}")
-    missing = [s for s in args.scripts if not (ROOT / s).is_file()] if not args.no_steps else []
-    if missing:
-        fail(f"--scripts: {' '.join(missing)} not found in {ROOT}")
+    check_scripts(args.scripts, SCRIPTS, files=not args.no_steps)
     if args.steps < 2 * args.log_every:
         fail(f"--steps {args.steps} must be at least 2 x --log-every {args.log_every}: the first interval is warm-up")
-    for name in ("aug_batch_size", "repeats", "log_every", "train_size", "test_size", "num_labels"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.num_labels % 10 or args.num_labels // 10 > args.train_size // 10:
         fail(f"--num-labels {args.num_labels} must be a multiple of 10 and at most --train-size {args.train_size}")
     args.out = Path(args.out or ROOT / "bench" / "results" / f"throughput_{args.device.split(':')[0]}_{args.preset}.md")
@@ -381,18 +446,27 @@ def main():
     lines = [f"# Throughput: {args.device}, preset {args.preset}", "", *machine_lines(device), ""]
     report = {"device": args.device, "preset": args.preset, "command": " ".join(sys.argv), "machine": lines[2:-1]}
     if not args.no_steps:
-        cfg = {k: getattr(args, k) for k in ("batch_size", "mu", "depth", "width", "steps", "log_every", "amp", "compile",
-                                             "num_labels")}
-        size = (f"B {args.batch_size}, mu {args.mu}" if args.batch_size and args.mu
-                else f"B {args.batch_size or 'each script default'}, mu {args.mu or 'each script default'}")
-        lines += ["## Training steps", "",
-                  f"WRN-{args.depth}-{args.width}, {size}, amp {args.amp or 'script default'}"
-                  f"{', --compile' if args.compile else ''}; fake CIFAR-10 ({args.train_size} train / {args.test_size} test "
-                  f"random images, {args.num_labels} labels); {args.steps} steps, timed in intervals of {args.log_every}: "
-                  "steps/s is the median of the intervals after the first; images/step counts the rows drawn "
-                  "(labeled + unlabeled); aug share is the time in weak/strong_augment over the measured steps' time; "
-                  "GFLOP/step from FlopCounterMode (a 2-step run minus a 1-step run); MFU against the GPU's dense bf16 peak. "
-                  "See the docstring of bench/throughput.py.", ""]
+        cfg = {
+            k: getattr(args, k)
+            for k in ("batch_size", "mu", "depth", "width", "steps", "log_every", "amp", "compile", "num_labels")
+        }
+        size = (
+            f"B {args.batch_size}, mu {args.mu}"
+            if args.batch_size and args.mu
+            else f"B {args.batch_size or 'each script default'}, mu {args.mu or 'each script default'}"
+        )
+        lines += [
+            "## Training steps",
+            "",
+            f"WRN-{args.depth}-{args.width}, {size}, amp {args.amp or 'script default'}"
+            f"{', --compile' if args.compile else ''}; fake CIFAR-10 ({args.train_size} train / {args.test_size} test "
+            f"random images, {args.num_labels} labels); {args.steps} steps, timed in intervals of {args.log_every}: "
+            "steps/s is the median of the intervals after the first; images/step counts the rows drawn "
+            "(labeled + unlabeled); aug share is the time in weak/strong_augment over the measured steps' time; "
+            "GFLOP/step from FlopCounterMode (a 2-step run minus a 1-step run); MFU against the GPU's dense bf16 peak. "
+            "See the docstring of bench/throughput.py.",
+            "",
+        ]
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             data_dir = str(Path(tmp) / "data")
@@ -408,10 +482,15 @@ def main():
         report["steps"] = rows
     if not args.no_augment:
         aug = augmentation_throughput(device, args.aug_batch_size, args.repeats)
-        lines += ["## Augmentation alone", "",
-                  f"{args.aug_batch_size} random 32x32 RGB images per batch, median of {args.repeats} batches after a warm-up "
-                  "batch; the PIL rows run per image in one process, as one DataLoader worker.", "",
-                  *markdown_table(aug), ""]
+        lines += [
+            "## Augmentation alone",
+            "",
+            f"{args.aug_batch_size} random 32x32 RGB images per batch, median of {args.repeats} batches after a "
+            "warm-up batch; the PIL rows run per image in one process, as one DataLoader worker.",
+            "",
+            *markdown_table(aug),
+            "",
+        ]
         report["augment"] = [{"pipeline": n, "runs_on": w, "images_per_s": r} for n, w, r in aug]
     text = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,4 @@
 import pytest
-
 from fakedata import INTEGRITY_TARGETS, _exists_only, make_fake_dataset
 
 

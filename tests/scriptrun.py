@@ -14,15 +14,41 @@ from unittest import mock
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--dataset", "fashion_mnist", "--num-labels", "20", "--depth", "10", "--width", "1", "--batch-size", "8",
-        "--bn-momentum", "0.1", "--device", "cpu", "--log-every", "4", "--eval-every", "6", "--save-every", "5"]
+TINY = [
+    "--dataset",
+    "fashion_mnist",
+    "--num-labels",
+    "20",
+    "--depth",
+    "10",
+    "--width",
+    "1",
+    "--batch-size",
+    "8",
+    "--bn-momentum",
+    "0.1",
+    "--device",
+    "cpu",
+    "--log-every",
+    "4",
+    "--eval-every",
+    "6",
+    "--save-every",
+    "5",
+]
 OFFLINE = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # downloads fail fast
 
 
 def run(script, *args, check=True):
     """The script in a fresh interpreter; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=OFFLINE, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=OFFLINE,
+        timeout=300,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -32,8 +58,13 @@ def run_killed(script, *args):
     """The script in a fresh interpreter, killed with SIGKILL as soon as its first checkpoint.pt
     appears in --run-dir (args must contain it); returns the step that checkpoint holds."""
     run_dir = Path(args[list(args).index("--run-dir") + 1])
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=ROOT, env=OFFLINE)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=OFFLINE,
+    )
     while not (run_dir / "checkpoint.pt").exists() and proc.poll() is None:
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)

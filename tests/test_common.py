@@ -5,12 +5,12 @@ from urllib.error import URLError
 import pytest
 import torch
 import torchvision
-
-import common
 from fakedata import SPECS, make_debian_fashion_mnist, make_fake_dataset
 
+import common
 
 # --- labeled split -------------------------------------------------------------------------------
+
 
 def test_split_is_balanced_deterministic_and_seeded():
     targets = torch.arange(1000) % 10
@@ -22,14 +22,17 @@ def test_split_is_balanced_deterministic_and_seeded():
     assert torch.equal(common.labeled_split(targets, None, 10, seed=0), torch.arange(1000))
 
 
-@pytest.mark.parametrize("num_labels, message", [(45, "multiple"), (5, "multiple"), (0, "multiple"),
-                                                  (-10, "multiple"), (1010, "rarest class")])
+@pytest.mark.parametrize(
+    "num_labels, message",
+    [(45, "multiple"), (5, "multiple"), (0, "multiple"), (-10, "multiple"), (1010, "rarest class")],
+)
 def test_split_rejects_bad_counts(num_labels, message):
     with pytest.raises(ValueError, match=message):
         common.labeled_split(torch.arange(1000) % 10, num_labels, 10, seed=0)
 
 
 # --- datasets ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_each_dataset_loads_exactly_through_torchvision(name, tmp_path, patched_integrity):
@@ -76,7 +79,9 @@ def test_svhn_unlabeled_stream_is_train_plus_extra(tmp_path, patched_integrity, 
         raise URLError("no network")
 
     monkeypatch.setattr(torchvision.datasets.svhn, "download_url", offline)
-    assert len(common.load_ssl_data("svhn", str(tmp_path), 20, seed=0, device="cpu", svhn_extra=False).x_unlabeled) == 50
+    assert (
+        len(common.load_ssl_data("svhn", str(tmp_path), 20, seed=0, device="cpu", svhn_extra=False).x_unlabeled) == 50
+    )
     with pytest.raises(FileNotFoundError, match="--no-svhn-extra"):
         common.load_ssl_data("svhn", str(tmp_path), 20, seed=0, device="cpu")
 
@@ -107,6 +112,7 @@ def test_normalize_uses_dataset_constants():
 
 
 # --- WideResNet ----------------------------------------------------------------------------------
+
 
 def test_wrn_28_2_parameter_count():
     assert sum(p.numel() for p in common.WideResNet(10).parameters()) == 1_467_626

@@ -16,28 +16,34 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
 from scriptrun import OFFLINE, ROOT, TINY, checkpoint, flat, rows, run, same
+from scripts import SCRIPTS
 
-SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py", "dst.py", "mpl.py",
-           "maxl.py"]
 ENV = {**OFFLINE, "OMP_NUM_THREADS": "1"}  # two processes on two cores
 
 
 def torchrun_cmd(script, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        *map(str, args),
+    ]
 
 
 def torchrun(script, *args, env=None):
     """The script under torchrun with 2 processes; returns the CompletedProcess (exit 0 asserted)."""
-    proc = subprocess.run(torchrun_cmd(script, *args), capture_output=True, text=True, cwd=ROOT, env={**ENV, **(env or {})},
-                          timeout=300)
+    proc = subprocess.run(
+        torchrun_cmd(script, *args), capture_output=True, text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -46,7 +52,13 @@ def torchrun(script, *args, env=None):
 def test_two_processes_run_and_rank_0_alone_writes(script, data_dir, tmp_path):
     out = tmp_path / "run"
     proc = torchrun(script, *TINY, "--data-dir", data_dir, "--total-steps", 12, "--run-dir", out)
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "checkpoint.pt", "labeled_indices.json", "metrics.jsonl", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "args.json",
+        "checkpoint.pt",
+        "labeled_indices.json",
+        "metrics.jsonl",
+        "model.pt",
+    ]
     log = rows(out)
     assert [r["step"] for r in log if "losses/total" in r] == [4, 5, 8, 10, 12]  # once each: rank 1 wrote none
     assert [r["step"] for r in log if "eval/acc" in r] == [6, 12]
@@ -98,8 +110,14 @@ def test_two_processes_of_half_the_batch_train_as_one(data_dir, tmp_path):
     driver.write_text(EQUAL_DRIVER.format(root=str(ROOT)))
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 8, "--log-every", 2]
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = subprocess.run([sys.executable, str(driver), "supervised.py", *map(str, [*args, "--batch-size", 8, "--run-dir", one])],
-                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(driver), "supervised.py", *map(str, [*args, "--batch-size", 8, "--run-dir", one])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     torchrun(driver, "supervised.py", *args, "--batch-size", 4, "--run-dir", two)
     a, b = checkpoint(one), checkpoint(two)
@@ -115,7 +133,11 @@ def test_two_processes_of_half_the_batch_train_as_one(data_dir, tmp_path):
     momentum_a, momentum_b = (flat(c["optimizer"]["state"]) for c in (a, b))
     assert momentum_a.keys() == momentum_b.keys() and momentum_a
     # as one vector: a buffer whose gradient cancels to ~1e-6 is rounding noise relative to itself
-    assert close(torch.cat([v.flatten() for v in momentum_b.values()]), torch.cat([v.flatten() for v in momentum_a.values()]), 1e-4)
+    assert close(
+        torch.cat([v.flatten() for v in momentum_b.values()]),
+        torch.cat([v.flatten() for v in momentum_a.values()]),
+        1e-4,
+    )
     ra, rb = rows(one), rows(two)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) > 4
     for x, y in zip(ra, rb):
@@ -152,10 +174,23 @@ def run_and_dump(script, state, data_dir, tmp_path, *extra):
     driver = tmp_path / "driver.py"
     driver.write_text(STATE_DRIVER.format(root=str(ROOT)))
     out = tmp_path / "run"
-    torchrun(driver, script, *TINY, "--data-dir", data_dir, "--total-steps", 6, "--run-dir", out, *extra,
-             env={"STATE": state, "DUMP": str(tmp_path / "rank")})
+    torchrun(
+        driver,
+        script,
+        *TINY,
+        "--data-dir",
+        data_dir,
+        "--total-steps",
+        6,
+        "--run-dir",
+        out,
+        *extra,
+        env={"STATE": state, "DUMP": str(tmp_path / "rank")},
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    global_rows = [r + 2 * torch.stack(d["drawn"]) for r, d in enumerate(ranks) if d["drawn"]]  # (steps, mu B): rows r, r + 2, ...
+    global_rows = [
+        r + 2 * torch.stack(d["drawn"]) for r, d in enumerate(ranks) if d["drawn"]
+    ]  # (steps, mu B): rows r, r + 2, ...
     return checkpoint(out), ranks, global_rows
 
 
@@ -180,9 +215,17 @@ def test_flexmatch_marks_agree_across_ranks(data_dir, tmp_path):
     assert not set(rows_drawn[0].flatten().tolist()) & set(rows_drawn[1].flatten().tolist())
 
 
-@pytest.mark.parametrize("script, state, extra", [
-    ("maxl.py", {"model": "model", "generator": "generator"}, []),
-    ("mpl.py", {"model": "model", "teacher": "teacher", "mpl_baseline": "mpl_baseline"}, ["--student-wait-steps", 0, "--warmup-steps", 0])])
+@pytest.mark.parametrize(
+    "script, state, extra",
+    [
+        ("maxl.py", {"model": "model", "generator": "generator"}, []),
+        (
+            "mpl.py",
+            {"model": "model", "teacher": "teacher", "mpl_baseline": "mpl_baseline"},
+            ["--student-wait-steps", 0, "--warmup-steps", 0],
+        ),
+    ],
+)
 def test_both_networks_agree_across_ranks(script, state, extra, data_dir, tmp_path):
     """The methods with two trained networks: each rank draws its own batches, yet after a few steps both
     ranks hold the same weights of BOTH networks (DDP averaged every gradient, the generator's second-order
@@ -223,8 +266,13 @@ def test_two_process_kill_and_resume_is_exact(data_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 40]
     torchrun(script, *args, "--run-dir", straight)
-    proc = subprocess.Popen(torchrun_cmd(script, *args, "--run-dir", killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=ROOT, env=ENV)
+    proc = subprocess.Popen(
+        torchrun_cmd(script, *args, "--run-dir", killed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=ENV,
+    )
     while not (killed / "checkpoint.pt").exists() and proc.poll() is None:
         time.sleep(0.002)
     for pid in [*descendants(proc.pid), proc.pid]:
@@ -242,11 +290,19 @@ def test_two_process_kill_and_resume_is_exact(data_dir, tmp_path):
     # the checkpoint holds two ranks' state: a single process refuses it, in one line, writing nothing
     before = (killed / "metrics.jsonl").read_text()
     single = run(script, "--resume", killed, "--total-steps", 50, check=False)
-    assert single.returncode == 2 and "written by 2 process(es)" in single.stderr and len(single.stderr.strip().splitlines()) == 1
+    assert (
+        single.returncode == 2
+        and "written by 2 process(es)" in single.stderr
+        and len(single.stderr.strip().splitlines()) == 1
+    )
     assert (killed / "metrics.jsonl").read_text() == before
 
 
 def test_sync_bn_without_cuda_is_one_line_and_exit_2(data_dir, tmp_path):
     proc = run("supervised.py", *TINY, "--data-dir", data_dir, "--sync-bn", "--run-dir", tmp_path / "r", check=False)
-    assert proc.returncode == 2 and "--sync-bn needs --device cuda" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (
+        proc.returncode == 2
+        and "--sync-bn needs --device cuda" in proc.stderr
+        and len(proc.stderr.strip().splitlines()) == 1
+    )
     assert not (tmp_path / "r").exists()

@@ -1,13 +1,13 @@
 """The fakes must go through the REAL torchvision loaders and round-trip exactly."""
+
 import gzip
 import os
 import shutil
 
 import numpy as np
 import pytest
-from torchvision import datasets
-
 from fakedata import SPECS, fake_integrity, make_debian_fashion_mnist, make_fake_dataset
+from torchvision import datasets
 
 LOADERS = {  # name -> split -> dataset constructor
     "cifar10": lambda r, s: datasets.CIFAR10(r, train=s == "train"),
@@ -105,8 +105,15 @@ def test_debian_fashion_mnist(tmp_path):
     deb = tmp_path / "deb"
     t = make_debian_fashion_mnist(deb, n_train=20, n_test=10, seed=3)
     names = sorted(os.listdir(deb))
-    assert names == sorted(f + ".gz" for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+    assert names == sorted(
+        f + ".gz"
+        for f in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+    )
     raw = tmp_path / "tv" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for n in names:  # decompressed, they must be exactly what torchvision reads

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fakedata import make_fake_dataset
 from scriptrun import OFFLINE, ROOT, TINY, checkpoint, run_inprocess
-from test_scripts import SCRIPTS
+from scripts import SCRIPTS
 
 SMALL = [*TINY, "--total-steps", 6, "--mu", 1]  # checkpoints at steps 5 and 6
 
@@ -47,8 +46,10 @@ def files(run_dir):
 
 def strict_rows(run_dir):
     """metrics.jsonl read as strict JSON: a bare NaN or Infinity fails."""
+
     def refuse(constant):
         raise ValueError(f"{constant} in metrics.jsonl")
+
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line, parse_constant=refuse) for line in lines]
 
@@ -112,8 +113,11 @@ def test_resume_refuses_another_script_dataset_split_or_network(script, capsys, 
         parse(script, ["--resume", tmp_path])
     assert f"made by {other}.py" in capsys.readouterr().err
     (tmp_path / "args.json").write_text(json.dumps({**saved, "script": script[:-3]}))
-    for flags, message in ((["--dataset", "mnist"], "--dataset fashion_mnist (now mnist)"),
-                           (["--width", "2"], "--width 1 (now 2)"), (["--seed", "3"], "--seed 0 (now 3)")):
+    for flags, message in (
+        (["--dataset", "mnist"], "--dataset fashion_mnist (now mnist)"),
+        (["--width", "2"], "--width 1 (now 2)"),
+        (["--seed", "3"], "--seed 0 (now 3)"),
+    ):
         with pytest.raises(SystemExit):
             parse(script, ["--resume", tmp_path, *flags])
         assert message in capsys.readouterr().err
@@ -127,6 +131,7 @@ def malicious(path):
     class Boom:
         def __reduce__(self):
             return (print, ("this must never run",))
+
     path.write_bytes(pickle.dumps(Boom()))
 
 
@@ -198,8 +203,21 @@ def test_divergence_stops_before_saving_and_logs_no_nan(where, data_dir, capsys,
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
     run_dir = tmp_path / "run"
     periods = ["--log-every", 4, "--save-every", 100] if where == "log" else ["--log-every", 100, "--save-every", 3]
-    err = refused(capsys, "supervised.py", *TINY, "--data-dir", data_dir, "--run-dir", run_dir, "--total-steps", 20,
-                  "--eval-every", 2, *periods, code=3)
+    err = refused(
+        capsys,
+        "supervised.py",
+        *TINY,
+        "--data-dir",
+        data_dir,
+        "--run-dir",
+        run_dir,
+        "--total-steps",
+        20,
+        "--eval-every",
+        2,
+        *periods,
+        code=3,
+    )
     assert f"diverged by step {4 if where == 'log' else 3}: losses/total is nan" in err
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "model.pt").exists()
     evals = [r for r in strict_rows(run_dir) if "eval/acc" in r]
@@ -216,9 +234,21 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, capsys, monkeypatch
             f.write(b"partial")
             raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
         return real_save(obj, f, *a, **k)
+
     monkeypatch.setattr(torch, "save", save)
-    err = refused(capsys, "supervised.py", *TINY, "--data-dir", data_dir, "--run-dir", run_dir, "--total-steps", 4,
-                  "--save-every", 2)
+    err = refused(
+        capsys,
+        "supervised.py",
+        *TINY,
+        "--data-dir",
+        data_dir,
+        "--run-dir",
+        run_dir,
+        "--total-steps",
+        4,
+        "--save-every",
+        2,
+    )
     assert "cannot write" in err and "checkpoint.pt" in err
     assert checkpoint(run_dir)["step"] == 2 and not list(run_dir.glob("*.tmp"))
     monkeypatch.setattr(torch, "save", real_save)
@@ -229,9 +259,23 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, capsys, monkeypatch
 def test_an_os_error_while_saving_is_one_line_too(data_dir, capsys, monkeypatch, tmp_path):
     def fsync(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr("os.fsync", fsync)
-    err = refused(capsys, "mpl.py", *TINY, "--mu", 1, "--data-dir", data_dir, "--run-dir", tmp_path / "run",
-                  "--total-steps", 2, "--save-every", 1)
+    err = refused(
+        capsys,
+        "mpl.py",
+        *TINY,
+        "--mu",
+        1,
+        "--data-dir",
+        data_dir,
+        "--run-dir",
+        tmp_path / "run",
+        "--total-steps",
+        2,
+        "--save-every",
+        1,
+    )
     assert "No space left on device" in err and not list((tmp_path / "run").glob("*.tmp"))
 
 
@@ -245,6 +289,7 @@ def test_unwritable_run_dirs_are_refused_before_the_data_loads(capsys, monkeypat
 
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
+
     monkeypatch.setattr("tempfile.TemporaryFile", read_only)
     err = refused(capsys, "supervised.py", *TINY, *nowhere, "--run-dir", tmp_path / "ro" / "run")
     assert "cannot write in" in err and "Read-only file system" in err
@@ -254,10 +299,22 @@ def test_unwritable_run_dirs_are_refused_before_the_data_loads(capsys, monkeypat
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler or torchrun stopping the run
 def test_ctrl_c_says_how_to_resume(signum, data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "supervised.py"), *map(str, TINY), "--data-dir", data_dir, "--run-dir", run_dir,
-           "--total-steps", 100000, "--save-every", 2]
-    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=OFFLINE)
+    cmd = [
+        sys.executable,
+        str(ROOT / "supervised.py"),
+        *map(str, TINY),
+        "--data-dir",
+        data_dir,
+        "--run-dir",
+        run_dir,
+        "--total-steps",
+        100000,
+        "--save-every",
+        2,
+    ]
+    proc = subprocess.Popen(
+        list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=OFFLINE
+    )
     while not (run_dir / "checkpoint.pt").exists() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signum)

@@ -6,11 +6,8 @@ from unittest import mock
 
 import pytest
 import torch
-
 from scriptrun import TINY, checkpoint, flat, rows, run, run_inprocess, run_killed, same
-
-SCRIPTS = ["supervised.py", "pi_model.py", "mean_teacher.py", "temporal_ensembling.py", "uda.py", "flexmatch.py", "dst.py", "mpl.py",
-           "maxl.py"]
+from scripts import SCRIPTS
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -88,7 +85,9 @@ def test_existing_run_dir_is_not_overwritten(data_dir, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_asked_for_but_absent(data_dir, tmp_path):
-    proc = run("supervised.py", *TINY, "--data-dir", data_dir, "--device", "cuda", "--run-dir", tmp_path / "r", check=False)
+    proc = run(
+        "supervised.py", *TINY, "--data-dir", data_dir, "--device", "cuda", "--run-dir", tmp_path / "r", check=False
+    )
     assert proc.returncode == 2 and "use --device cpu" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -104,7 +103,9 @@ def test_ema_decay_follows_the_recent_weights_early(script, data_dir, tmp_path):
         return lerp(ema_params, params, weight)
 
     with mock.patch.object(torch, "_foreach_lerp_", spy):
-        run_inprocess(script, *TINY, "--data-dir", data_dir, "--total-steps", 10, "--ema-decay", 0.5, "--run-dir", tmp_path / "r")
+        run_inprocess(
+            script, *TINY, "--data-dir", data_dir, "--total-steps", 10, "--ema-decay", 0.5, "--run-dir", tmp_path / "r"
+        )
     assert weights == pytest.approx([1 - min(0.5, (1 + k) / (10 + k)) for k in range(1, 11)], abs=1e-12)
 
 
@@ -112,19 +113,49 @@ def test_short_run_evaluates_a_model_as_good_as_the_raw_one(digits_dir, tmp_path
     """Real digits, 250 steps at the default --ema-decay 0.999: the evaluated EMA model is not far below
     the trained weights (with the plain average since init it was 27 points below at 400 steps)."""
     out = tmp_path / "r"
-    run("supervised.py", "--dataset", "mnist", "--data-dir", digits_dir, "--num-labels", 100, "--depth", 10, "--width", 1,
-        "--batch-size", 16, "--bn-momentum", 0.1, "--device", "cpu", "--total-steps", 250, "--eval-every", 125,
-        "--log-every", 50, "--save-every", 250, "--run-dir", out)
+    run(
+        "supervised.py",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        digits_dir,
+        "--num-labels",
+        100,
+        "--depth",
+        10,
+        "--width",
+        1,
+        "--batch-size",
+        16,
+        "--bn-momentum",
+        0.1,
+        "--device",
+        "cpu",
+        "--total-steps",
+        250,
+        "--eval-every",
+        125,
+        "--log-every",
+        50,
+        "--save-every",
+        250,
+        "--run-dir",
+        out,
+    )
     last = [r for r in rows(out) if "eval/acc" in r][-1]
     assert last["eval/acc_raw"] > 50, "the raw model did not learn: the test proves nothing"
     assert last["eval/acc"] >= last["eval/acc_raw"] - 5
 
 
 def test_svhn_extra_flag_reaches_the_unlabeled_stream(tmp_path, patched_integrity):
-    """--dataset svhn: train + extra feed the unlabeled stream by default (TorchSSL, USB); --no-svhn-extra: train only."""
+    """--dataset svhn: train + extra feed the unlabeled stream by default (TorchSSL, USB); --no-svhn-extra: train
+    only."""
     from fakedata import make_fake_dataset
 
     make_fake_dataset("svhn", tmp_path / "d", n_train=100, n_unlabeled=30)
     args = [*TINY, "--dataset", "svhn", "--data-dir", tmp_path / "d", "--total-steps", 1]
     assert len(run_inprocess("supervised.py", *args, "--run-dir", tmp_path / "a")["data"].x_unlabeled) == 130
-    assert len(run_inprocess("supervised.py", *args, "--no-svhn-extra", "--run-dir", tmp_path / "b")["data"].x_unlabeled) == 100
+    assert (
+        len(run_inprocess("supervised.py", *args, "--no-svhn-extra", "--run-dir", tmp_path / "b")["data"].x_unlabeled)
+        == 100
+    )

@@ -5,14 +5,14 @@ import json
 import shutil
 
 import numpy as np
+import plot
 import pytest
 import torch
 from PIL import Image
-
-import common
-import plot
 from scriptrun import TINY, rows, run_inprocess
 from test_robust import files, refused
+
+import common
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,9 @@ def test_eval_only_prints_the_checkpoints_accuracy_and_writes_nothing(tiny_run, 
         run_inprocess("supervised.py", "--resume", run_dir, "--eval-only")
     out = capsys.readouterr().out.strip().splitlines()[-1]
     last = [r for r in rows(run_dir) if "eval/acc" in r][-1]
-    assert e.value.code == 0 and f"step 6 | eval acc {last['eval/acc']:.2f} (raw model {last['eval/acc_raw']:.2f})" in out
+    assert (
+        e.value.code == 0 and f"step 6 | eval acc {last['eval/acc']:.2f} (raw model {last['eval/acc_raw']:.2f})" in out
+    )
     assert files(run_dir) == before
 
 
@@ -64,8 +66,9 @@ def test_tensorboard_and_the_summary_line(data_dir, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_inprocess("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 4, "--run-dir", tmp_path,
-                  "--tensorboard")
+    run_inprocess(
+        "supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 4, "--run-dir", tmp_path, "--tensorboard"
+    )
     events = EventAccumulator(str(tmp_path)).Reload()
     assert {"eval/acc", "losses/total"} <= set(events.Tags()["scalars"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -103,9 +106,33 @@ def test_folder_dataset_loads_resized_rgb_images(tmp_path):
 
 def test_a_method_trains_on_a_folder_and_model_pt_names_the_classes(tmp_path):
     root = make_folder(tmp_path / "images")
-    g = run_inprocess("flexmatch.py", "--dataset", "folder", "--data-dir", root, "--num-labels", 6, "--depth", 10,
-                      "--width", 1, "--batch-size", 4, "--mu", 2, "--bn-momentum", 0.1, "--device", "cpu", "--total-steps", 2,
-                      "--log-every", 2, "--run-dir", tmp_path / "run")
+    g = run_inprocess(
+        "flexmatch.py",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        root,
+        "--num-labels",
+        6,
+        "--depth",
+        10,
+        "--width",
+        1,
+        "--batch-size",
+        4,
+        "--mu",
+        2,
+        "--bn-momentum",
+        0.1,
+        "--device",
+        "cpu",
+        "--total-steps",
+        2,
+        "--log-every",
+        2,
+        "--run-dir",
+        tmp_path / "run",
+    )
     assert len(g["data"].x_unlabeled) == 12 + 3  # the training images and the unlabeled folder
     assert len(json.loads((tmp_path / "run" / "labeled_indices.json").read_text())) == 6
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["classes"] == ["cat", "dog", "frog"]
@@ -115,8 +142,10 @@ BAD_FOLDERS = {
     "no test folder": (lambda r: shutil.rmtree(r / "test"), "no folder"),
     "other classes in test": (lambda r: (r / "test" / "frog").rename(r / "test" / "toad"), "same class folders"),
     "a class without images": (lambda r: [p.unlink() for p in (r / "train" / "dog").iterdir()], "Found no valid file"),
-    "an empty unlabeled folder": (lambda r: [p.unlink() for p in (r / "unlabeled" / "sub").iterdir()],
-                                  "holds no images"),
+    "an empty unlabeled folder": (
+        lambda r: [p.unlink() for p in (r / "unlabeled" / "sub").iterdir()],
+        "holds no images",
+    ),
     "a broken image": (lambda r: (r / "train" / "dog" / "1.png").write_bytes(b"not a png"), "cannot read"),
 }
 
@@ -134,8 +163,20 @@ def test_bad_folder_layouts_are_one_line(case, tmp_path):
 def test_a_bad_folder_stops_a_script_in_one_line(tmp_path, capsys):
     root = make_folder(tmp_path / "images")
     (root / "test" / "frog").rename(root / "test" / "toad")
-    refused(capsys, "supervised.py", "--dataset", "folder", "--data-dir", root, "--num-labels", 3, "--device", "cpu",
-            "--run-dir", tmp_path / "run")
+    refused(
+        capsys,
+        "supervised.py",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        root,
+        "--num-labels",
+        3,
+        "--device",
+        "cpu",
+        "--run-dir",
+        tmp_path / "run",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -143,7 +184,11 @@ def test_plot_draws_accuracy_and_losses_of_several_runs(tiny_run, tmp_path, caps
     run_dir, _ = tiny_run
     other = tmp_path / "other"
     other.mkdir()
-    lines = ['{"step": 2, "losses/total": 1.5}', '{"step": 2, "eval/acc": 10, "eval/loss": null}', '{"st']  # null, a cut line
+    lines = [
+        '{"step": 2, "losses/total": 1.5}',
+        '{"step": 2, "eval/acc": 10, "eval/loss": null}',
+        '{"st',
+    ]  # null, a cut line
     (other / "metrics.jsonl").write_text("\n".join(lines))
     plot.main([str(run_dir), str(other), "--out", str(tmp_path / "c.png")])
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and "wrote" in capsys.readouterr().out
