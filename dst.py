@@ -1,87 +1,41 @@
-"""Debiased Self-Training (Chen, Jiang, Wang, Wan, Wang & Long, "Debiased Self-Training for
-Semi-Supervised Learning", NeurIPS 2022) on FixMatch: the head that makes the pseudo labels never
-learns from them, and the features are trained against the worst head that the labels allow.
+"""Debiased Self-Training (Chen, Jiang, Wang, Wan, Wang & Long, "Debiased Self-Training for Semi-Supervised
+Learning", NeurIPS 2022), on FixMatch.
 
-Each step draws a labeled batch {(x_b, y_b)} of size B and an unlabeled batch {u_i} of size mu*B
-(the unlabeled set is the whole training set). A backbone psi (the WideResNet's pooled features)
-feeds three heads: the main head h (the WideResNet's linear classifier: it makes the pseudo labels
-and is the only head evaluated), the pseudo head h_p and the worst-case head h_w (two MLPs). With
-a(.) the weak and A(.) the strong augmentation, yhat_i = argmax h(psi(a(u_i))) with confidence
-c_i (its softmax probability), and ybar_b = argmax h(psi(a(x_b))), one step minimises
-    L_x = 1/B sum_b CE(y_b, h(psi(a(x_b))))                                (1) supervised, h only
-    L_p = 1/(mu B) sum_i 1[c_i > tau] CE(yhat_i, h_p(psi(A(u_i))))         (2) decoupled pseudo labeling
-    L_w = eta' 1/B sum_b CE(ybar_b, h_w(R(psi(a(x_b)))))
-          + 1/(mu B) sum_i -log(1 - softmax(h_w(R(psi(a(u_i)))))[yhat_i])  (3) worst-case estimation
-    L = L_x + lambda L_p + eta L_w                                         (4)
-R is the gradient reversal layer: the identity forward, the gradient times -lambda_k backward. So
-h_w minimises (3), fitting h's predictions on labeled data while contradicting them on unlabeled
-data (the worst head the labels allow), and psi maximises it: features on which no such head
-exists. The coefficient warms up with the number k of optimizer steps already taken:
-    lambda_k = 2 (hi - lo) / (1 + exp(-alpha k / N)) - (hi - lo) + lo      (5) warm start
-Pseudo labels come from detached probabilities and argmax has no gradient, so h learns from (1)
-alone; h_p learns from (2), h_w from (3), psi from all three. The equation numbers are this file's
-(the paper's numbering was not checked); the formulas are those of the authors' code (tllib:
-projects/dst/dst.py on the dev-ssl branch, tllib/self_training/dst.py, tllib/modules/grl.py).
+FixMatch's step, except that the head that makes the pseudo labels never learns from them, and the features are
+trained against the worst head that the labels allow. The backbone psi (the WideResNet's pooled features) feeds
+three heads: h (the WideResNet's classifier: it makes the pseudo labels and is the one evaluated), the pseudo head
+h_p and the worst-case head h_w (two MLPs). With a labeled batch {(x_b, y_b)} of size B, an unlabeled batch {u_b}
+of size mu B, the weak and strong augmentations alpha(.) and A(.), q_b = softmax(h(psi(alpha(u_b)))) a constant,
+q^_b = argmax(q_b), and y'_b = argmax h(psi(alpha(x_b))), a step minimises
+    L_x = 1/B sum_b CE(y_b, h(psi(alpha(x_b))))                              (1) supervised: h's only loss
+    L_p = 1/(mu B) sum_b 1(max(q_b) > tau) CE(q^_b, h_p(psi(A(u_b))))        (2) decoupled pseudo labeling
+    L_w = eta' 1/B sum_b CE(y'_b, h_w(R(psi(alpha(x_b)))))
+          + 1/(mu B) sum_b -log(1 - softmax(h_w(R(psi(alpha(u_b)))))[q^_b])  (3) worst-case estimation
+    L = L_x + lambda L_p + eta L_w                                           (4)
+R is the gradient reversal layer: the identity forward, the gradient times -lambda_k backward. So h_w minimises (3),
+fitting h's predictions on labeled data while contradicting them on unlabeled data, and psi maximises it. The
+coefficient warms up with the number k of optimizer steps already taken:
+    lambda_k = 2 (hi - lo) / (1 + exp(-alpha_R k / N)) - (hi - lo) + lo      (5) warm start
+The equation numbers are this file's (docs/dst.md); the formulas are those of the authors' code (tllib).
 
-Recipe: the classic CV protocol of supervised.py (METHODS.md section 0), mu 7, tau 0.95, lambda 1,
-eta 0.3, eta' 2, hi 0.1, lo 0, alpha 1, N = K / 10 (the code behind DST's numbers, below).
+Recipe: supervised.py's, with mu 7, tau 0.95, lambda 1, eta 0.3, eta' 2, hi 0.1, lo 0, alpha_R 1, N = K / 10, and
+the heads of the code behind DST's CIFAR-10 and SVHN numbers (tllib, branch dev-ssl, commit bb3e9af, projects/dst).
 
-Choices, where the references differ or are silent:
-    - Hyperparameters of the code that produced DST's 94.0 / 60.0 (tllib, branch dev-ssl, commit
-      bb3e9af, projects/dst): its argparse defaults and its dst.sh commands for CIFAR-10 and SVHN,
-      tau 0.95, eta 0.3, eta' 2, N = 100k of its 1M steps (its 4-GPU CIFAR-100 command: tau 0.9).
-      An earlier commit's defaults differ (tau 0.95, eta 0.1, eta' 1, N 300k). N is a fraction of
-      --total-steps (0.1) so that short runs warm up too. With alpha 1, lambda reaches
-      lo + 0.46 (hi - lo) at k = N and ends within 0.01 % of hi at k = 10 N = K.
-    - Heads as in that code: the pseudo head Linear-ReLU-Dropout(0.5)-Linear, the worst-case head
-      Linear-BatchNorm1d-ReLU-Linear-BatchNorm1d-ReLU-Linear without dropout (DST's README: the
-      BatchNorm stabilises the adversarial game); hidden width twice the feature width (256 on
-      WRN-28-2); xavier-normal weights, zero biases; no bottleneck. --heads first-release gives
-      the first release's (f2740b1): Linear-ReLU-Dropout(0.5) twice, then Linear, for both heads.
-      Weight decay on the heads' Linear weights only, as on every network here (tllib also decays
-      the BatchNorm1d weights, whose names do not contain "bn").
-    - (3) is computed on the weak views of both batches and (2) on the strong unlabeled view, as in
-      DST's code; no cross-entropy on strong labeled views (DST's fine-tuning script adds one with
-      weight 0.1, its from-scratch script does not). Targets in (3) are h's predictions, also on
-      labeled data (DST's code), not the labels.
-    - log(1 - p) in (3) is computed exactly, as logsumexp over the other classes minus logsumexp
-      over all: finite for finite logits, with a bounded gradient. tllib computes
-      log(min(1 - p + 1e-6, 1)), which caps the term at -log(1e-6) = 13.8.
-    - Mask c_i > tau (strict, as DST), averaged over all mu*B samples (FixMatch's normalisation).
-    - k counts the optimizer steps before this one (tllib steps its layer after each update), so
-      lambda = lo on the first step. lambda enters the network as a 0-dim tensor on the device:
-      no host sync, and torch.compile does not recompile when it changes.
-    - One forward of [a(x), a(u), A(u)] through psi and the three heads, as DST's code: BatchNorm
-      statistics come from all three views; head outputs on rows no loss uses cost little.
-    - DSTNet is the WideResNet plus the two MLP heads: model(x) gives h's logits (what evaluate()
-      and the EMA model use), model(x, lambda) the three heads' logits, so --compile compiles the
-      whole training forward. The EMA averages the heads too (unused in evaluation) and copies
-      every BatchNorm buffer: tllib's EMA copies the statistics only of modules whose name
-      contains "bn" and silently skips any other BatchNorm; ours matches nothing by name.
-    - Batches are drawn uniformly with replacement from the device-resident set each step
-      (common.sample_batch), not by epochs: no host sync, and resuming needs only the RNG state.
-    - EMA decay min(ema_decay, (1 + k) / (10 + k)) at step k (TensorFlow's ExponentialMovingAverage
-      with num_updates, as the official MPL code): early on the EMA averages about the last 10 % of
-      the steps, so a short run evaluates a model as good as its recent weights; the decay reaches
-      0.99 at k = 890 and 0.999 at k = 8990. TorchSSL's constant 0.999 stays near the random init
-      for thousands of steps; the plain average since init (1 - 1/(k+1)) lags just as far, and its
-      weights no longer match the BatchNorm statistics copied from the trained model. Parameters
-      are averaged, BatchNorm running statistics copied (an EMA whose BN stays at init is broken).
-    - Mixed precision: bf16 autocast by default on CUDA (no GradScaler needed), fp16 with a
-      GradScaler on request, fp32 on CPU by default. Losses are computed in fp32.
-    - A run is resumable from any kill: checkpoints are written atomically, the log rows written
-      after the last checkpoint are dropped on resume, and the RNG states travel in the checkpoint.
-    - Under torchrun (README, Multi-GPU): DDP averages the gradients, --batch-size is per process, every
-      rank draws its own batches (seed + rank), log rows average all ranks, rank 0 alone writes.
+Differs from that code:
+    - log(1 - p) in (3) is exact (a difference of two logsumexp); tllib caps the term at -log(1e-6) = 13.8.
+    - N is a fraction of --total-steps (0.1), so that short runs warm up too; tllib: 100k of its 1M steps.
+    - tau 0.95 on every dataset; tllib's 4-GPU CIFAR-100 command uses 0.9.
+    - No weight decay on the heads' BatchNorm1d weights (tllib decays them: their names do not contain "bn").
+Every choice and its reasons: docs/dst.md.
 
 Usage:
     python dst.py --dataset cifar10 --num-labels 40
-    python dst.py --resume runs/<run dir>               # continue exactly where it stopped
-    torchrun --nproc_per_node=4 dst.py --batch-size 16  # 4 GPUs, global labeled batch 4 x 16 = 64
+    python dst.py --dataset cifar10 --num-labels 40 --heads first-release   # the heads of DST's first release
 """
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -94,7 +48,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -102,110 +55,7 @@ import common
 METHOD = Path(__file__).stem
 
 
-def fail(message):
-    """Bad input: one line on stderr, exit code 2, nothing written."""
-    print(f"{METHOD}.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],  # the whole title paragraph
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = fail  # argparse would print the usage block too: keep errors to one line
-    # generic: data, budget, optimisation, network, hardware, output
-    p.add_argument("--dataset", default="cifar10", choices=[*common.DATASETS, common.FOLDER],
-                   help="dataset; folder: your own images in --data-dir (README, Your own images)")
-    p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
-    p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True,
-                   help="svhn: its 531k extra images join the unlabeled stream, as TorchSSL and USB")
-    p.add_argument("--num-labels", type=int, default=4000, help="labeled examples, class-balanced")
-    p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
-    p.add_argument("--total-steps", type=int, default=2**20, help="optimizer steps K")
-    p.add_argument("--eval-every", type=int, default=5000, help="evaluate every this many steps")
-    p.add_argument("--log-every", type=int, default=100, help="log training metrics every this many steps")
-    p.add_argument("--save-every", type=int, default=5000, help="checkpoint every this many steps (the last step always saves)")
-    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B")
-    p.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * B")
-    p.add_argument("--lr", type=float, default=0.03, help="initial learning rate")
-    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4, 1e-3 on cifar100")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD (nesterov) momentum")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the evaluated EMA model")
-    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
-    p.add_argument("--width", type=int, default=None, help="WideResNet width, default 2, 8 on cifar100")
-    p.add_argument("--bn-momentum", type=float, default=0.001, help="BatchNorm momentum (short runs need ~0.1)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="autocast dtype, default bf16 on cuda, none on cpu")
-    p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm batch statistics over all processes (CUDA only)")
-    p.add_argument("--run-dir", default=None, help="output folder, default runs/<dataset>_<method>_<labels>_<seed>_<time>")
-    p.add_argument("--resume", default=None, help="run dir (or its checkpoint.pt) to continue exactly; its args.json supplies the arguments")
-    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
-    # algorithm specific
-    p.add_argument("--threshold", type=float, default=0.95, help="tau: h's confidence above which its pseudo label is used")
-    p.add_argument("--pseudo-weight", type=float, default=1.0, help="lambda, the weight of the pseudo head's loss")
-    p.add_argument("--worst-weight", type=float, default=0.3, help="eta, the weight of the worst-case estimation loss")
-    p.add_argument("--eta-prime", type=float, default=2.0, help="eta', the weight of the worst head's labeled term")
-    p.add_argument("--grl-hi", type=float, default=0.1, help="final gradient reversal coefficient")
-    p.add_argument("--grl-lo", type=float, default=0.0, help="initial gradient reversal coefficient")
-    p.add_argument("--grl-alpha", type=float, default=1.0, help="steepness alpha of the coefficient's warm start")
-    p.add_argument("--grl-warmup", type=float, default=0.1, help="warm-start length N, a fraction of --total-steps (DST: 100k of 1M)")
-    p.add_argument("--head-width", type=int, default=None, help="hidden width of the two MLP heads, default 2x the features")
-    p.add_argument("--heads", choices=["published", "first-release"], default="published",
-                   help="MLP heads of the code behind DST's numbers (tllib dev-ssl bb3e9af), or of its first release (f2740b1)")
-    p.add_argument("--eval-only", action="store_true",
-                   help="with --resume: evaluate its checkpoint, print one line, write nothing")
-    args = p.parse_args(argv)
-    saved = {}
-    if args.resume:  # the saved arguments become the defaults; flags given now still override them
-        run_dir = Path(args.resume).parent if Path(args.resume).is_file() else Path(args.resume)
-        if not (run_dir / "args.json").is_file():
-            fail(f"--resume {args.resume}: no args.json there, so it is not a run dir")
-        try:
-            saved = json.loads((run_dir / "args.json").read_text())
-        except ValueError:
-            fail(f"--resume {args.resume}: its args.json is not valid JSON")
-        if saved.get("script", METHOD) != METHOD:  # a run made before scripts were recorded is allowed
-            fail(f"--resume {run_dir}: that run was made by {saved['script']}.py, not {METHOD}.py: resume it with that")
-        p.set_defaults(**saved)
-        args = p.parse_args(argv)
-        args.run_dir, args.resume = str(run_dir), str(run_dir)
-    args.script = METHOD  # in args.json and the checkpoint: a run resumes only with the script that made it
-    # values derived at run time (written to args.json resolved)
-    args.weight_decay = args.weight_decay if args.weight_decay is not None else 1e-3 if args.dataset == "cifar100" else 5e-4
-    args.width = args.width or (8 if args.dataset == "cifar100" else 2)
-    args.head_width = args.head_width or 2 * 64 * args.width  # twice the WideResNet's feature width, as DST
-    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
-    args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-    for name in ("num_labels", "total_steps", "eval_every", "log_every", "save_every", "batch_size", "mu"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if (args.depth - 4) % 6:
-        fail(f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda, but CUDA is not available here: use --device cpu")
-    if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: torch's SyncBatchNorm has no CPU kernel
-        fail("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only): drop --sync-bn")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device {args.device} is not a device: use cpu, cuda or cuda:N")
-    for flag, value, ok, rule in (("--lr", args.lr, 0 < args.lr < math.inf, "positive"),
-                                  ("--weight-decay", args.weight_decay, 0 <= args.weight_decay < math.inf, ">= 0"),
-                                  ("--momentum", args.momentum, 0 <= args.momentum < 1, "in [0, 1)"),
-                                  ("--ema-decay", args.ema_decay, 0 <= args.ema_decay <= 1, "in [0, 1]"),
-                                  ("--bn-momentum", args.bn_momentum, 0 < args.bn_momentum <= 1, "in (0, 1]")):
-        if not ok:
-            fail(f"{flag} must be {rule}, got {value}")
-    if args.eval_only and not args.resume:
-        fail("--eval-only needs --resume RUN_DIR: the run whose checkpoint to evaluate")
-    if args.resume:  # what makes a run: resuming it on other data, another split or another network would mix two runs
-        changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})" for k in ("dataset", "num_labels", "seed",
-                   "depth", "width") if k in saved and saved[k] != getattr(args, k)]
-        if changed:
-            fail(f"--resume {args.resume}: that run was made with {', '.join(changed)}: start a new run for these")
-    return args
-
-
+# ALGO LOGIC: DST's gradient reversal layer, its warm start, the worst-case loss (3), the network with three heads
 class GradReverse(torch.autograd.Function):
     """R in (3): the identity forward; backward multiplies the gradient by -coeff (a 0-dim tensor)."""
 
@@ -228,9 +78,9 @@ def grl_coefficient(k, length, lo, hi, alpha):
 
 
 def worst_case_loss(logits_l, worst_l, logits_u, worst_u, eta_prime):
-    """Eq. (3): the worst head fits h's predictions on labeled data and contradicts them on unlabeled
-    data. log(1 - p_y) = logsumexp over the classes other than y - logsumexp over all: exact and
-    finite, where log(1 - softmax) would reach -inf as p_y rounds to 1."""
+    """Eq. (3): the worst head fits h's predictions on labeled data and contradicts them on unlabeled data.
+    log(1 - p_y) = logsumexp over the classes other than y - logsumexp over all: exact and finite, where
+    log(1 - softmax) would reach -inf as p_y rounds to 1."""
     loss_l = F.cross_entropy(worst_l, logits_l.argmax(1))
     y_u = logits_u.argmax(1, keepdim=True)  # (mu B, 1)
     others = worst_u.scatter(1, y_u, float("-inf"))
@@ -239,20 +89,22 @@ def worst_case_loss(logits_l, worst_l, logits_u, worst_u, eta_prime):
 
 
 class DSTNet(common.WideResNet):
-    """The WideResNet (backbone psi, main head h = fc) plus DST's pseudo head and worst-case head on the
-    pooled features. model(x) gives h's logits (evaluation, EMA); model(x, coeff) gives the logits of
-    h, h_p and h_w, with the gradient reversal layer (coefficient coeff) in front of h_w."""
+    """The WideResNet (backbone psi, main head h = fc) plus DST's pseudo head and worst-case head on the pooled
+    features. model(x) gives h's logits (evaluation, EMA); model(x, coeff) gives the logits of h, h_p and h_w, with
+    the gradient reversal layer (coefficient coeff) in front of h_w. The heads' hidden width defaults to twice the
+    feature width, as DST's."""
 
-    def __init__(self, num_classes, depth, width, in_channels, bn_momentum, head_width, heads="published"):
+    def __init__(self, num_classes, depth, width, in_channels, bn_momentum, head_width=None, heads="published"):
         super().__init__(num_classes, depth, width, in_channels, bn_momentum)
-        d, w, c = self.num_features, head_width, num_classes
+        nn, d, c = torch.nn, self.num_features, num_classes
+        w = head_width or 2 * d
         if heads == "published":  # the code behind DST's numbers (tllib dev-ssl bb3e9af, projects/dst)
             self.pseudo_head = nn.Sequential(nn.Linear(d, w), nn.ReLU(), nn.Dropout(0.5), nn.Linear(w, c))
-            self.worst_head = nn.Sequential(nn.Linear(d, w), nn.BatchNorm1d(w), nn.ReLU(), nn.Linear(w, w), nn.BatchNorm1d(w),
-                                            nn.ReLU(), nn.Linear(w, c))
+            bn_relu = lambda: [nn.BatchNorm1d(w), nn.ReLU()]
+            self.worst_head = nn.Sequential(nn.Linear(d, w), *bn_relu(), nn.Linear(w, w), *bn_relu(), nn.Linear(w, c))
         else:  # DST's first release (dev-ssl f2740b1): the same MLP for both heads
-            mlp = lambda: nn.Sequential(nn.Linear(d, w), nn.ReLU(), nn.Dropout(0.5), nn.Linear(w, w), nn.ReLU(), nn.Dropout(0.5),
-                                        nn.Linear(w, c))
+            hidden = lambda: [nn.Linear(w, w), nn.ReLU(), nn.Dropout(0.5)]
+            mlp = lambda: nn.Sequential(nn.Linear(d, w), nn.ReLU(), nn.Dropout(0.5), *hidden(), nn.Linear(w, c))
             self.pseudo_head, self.worst_head = mlp(), mlp()
         for m in [*self.pseudo_head, *self.worst_head]:
             if isinstance(m, nn.Linear):
@@ -266,144 +118,246 @@ class DSTNet(common.WideResNet):
         return self.fc(f), self.pseudo_head(f), self.worst_head(GradReverse.apply(f, grl_coeff))
 
 
+# TRY NOT TO MODIFY: the arguments (generic, then the method's), resume, checks
+def fail(message):
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"{METHOD}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def checked(kind, ok, rule):
+    """An argparse type: kind(text) if ok(value), else one line saying the rule."""
+
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid float value"
+    return parse
+
+
+positive = checked(int, lambda v: v > 0, "positive")
+nonnegative = checked(float, lambda v: 0 <= v < math.inf, ">= 0")
+unit = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+open_unit = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+wrn_depth = checked(int, lambda v: v >= 10 and v % 6 == 4, "6n+4 (10, 16, 22, 28, ...)")
+
+
+def parse_args(argv=None):
+    title = __doc__.split("\n\n")[0]
+    p = argparse.ArgumentParser(description=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = fail  # one line, without argparse's usage block
+    p.add_argument("--dataset", default="cifar10", choices=[*common.DATASETS, common.FOLDER], help="folder: README")
+    p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True, help="svhn: extra is unlabeled")
+    p.add_argument("--num-labels", type=positive, default=4000, help="labeled examples, class-balanced")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
+    p.add_argument("--total-steps", type=positive, default=2**20, help="optimizer steps K")
+    p.add_argument("--eval-every", type=positive, default=5000, help="evaluate every this many steps")
+    p.add_argument("--log-every", type=positive, default=100, help="log a row every this many steps (and at a save)")
+    p.add_argument("--save-every", type=positive, default=5000, help="checkpoint every this many steps and at the end")
+    p.add_argument("--batch-size", type=positive, default=64, help="labeled batch size B")
+    p.add_argument("--mu", type=positive, default=7, help="unlabeled batch = mu * B (scripts without one ignore it)")
+    p.add_argument("--lr", type=checked(float, lambda v: 0 < v < math.inf, "positive"), default=0.03, help="peak lr")
+    p.add_argument("--weight-decay", type=nonnegative, default=None, help="default 5e-4, 1e-3 on cifar100")
+    p.add_argument("--momentum", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="nesterov")
+    p.add_argument("--ema-decay", type=unit, default=0.999, help="decay of the evaluated EMA model")
+    p.add_argument("--depth", type=wrn_depth, default=28, help="WideResNet depth")
+    p.add_argument("--width", type=positive, default=None, help="WideResNet width, default 2, 8 on cifar100")
+    p.add_argument("--bn-momentum", type=open_unit, default=0.001, help="BatchNorm momentum (short runs need ~0.1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default bf16 on cuda, none on cpu")
+    p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
+    p.add_argument("--run-dir", default=None, help="default runs/<dataset>_<method>_<labels>_<seed>_<time>")
+    p.add_argument("--resume", default=None, help="a run dir to continue exactly, with its args.json")
+    p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate its checkpoint, write nothing")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
+    # ALGO LOGIC: algorithm specific
+    p.add_argument("--threshold", type=unit, default=0.95, help="tau: the confidence that keeps a pseudo label")
+    p.add_argument("--pseudo-weight", type=nonnegative, default=1.0, help="lambda: the weight of the pseudo loss (2)")
+    p.add_argument("--worst-weight", type=nonnegative, default=0.3, help="eta: the weight of the worst-case loss (3)")
+    p.add_argument("--eta-prime", type=nonnegative, default=2.0, help="eta': the weight of (3)'s labeled term")
+    p.add_argument("--grl-hi", type=nonnegative, default=0.1, help="final gradient reversal coefficient")
+    p.add_argument("--grl-lo", type=nonnegative, default=0.0, help="initial gradient reversal coefficient")
+    p.add_argument("--grl-alpha", type=nonnegative, default=1.0, help="alpha_R: the steepness of the warm start (5)")
+    p.add_argument("--grl-warmup", type=nonnegative, default=0.1, help="N, a fraction of --total-steps")
+    p.add_argument("--head-width", type=positive, default=None, help="the MLP heads' hidden width, default 2x psi's")
+    heads = ["published", "first-release"]  # the code behind DST's numbers (tllib bb3e9af), its first release (f2740b1)
+    p.add_argument("--heads", choices=heads, default="published", help="the MLP heads (docs/dst.md)")
+    # TRY NOT TO MODIFY: on --resume the saved arguments are the defaults (flags given now override them)
+    args, saved = p.parse_args(argv), {}
+    if args.resume:
+        run_dir = Path(args.resume).parent if Path(args.resume).is_file() else Path(args.resume)
+        try:
+            saved = json.loads((run_dir / "args.json").read_text())
+        except FileNotFoundError:
+            fail(f"--resume {args.resume}: no args.json there, so it is not a run dir")
+        except ValueError:
+            fail(f"--resume {args.resume}: its args.json is not valid JSON")
+        if saved.get("script", METHOD) != METHOD:
+            fail(f"--resume {run_dir}: that run was made by {saved['script']}.py, not {METHOD}.py: resume it with that")
+        p.set_defaults(**saved)
+        args = p.parse_args(argv)
+        args.run_dir = args.resume = str(run_dir)
+    args.script = METHOD
+    if args.weight_decay is None:
+        args.weight_decay = 1e-3 if args.dataset == "cifar100" else 5e-4
+    args.width = args.width or (8 if args.dataset == "cifar100" else 2)
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{stamp}"
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device} is not a device: use cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda, but CUDA is not available here: use --device cpu")
+    if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: SyncBatchNorm has no CPU kernel
+        fail("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only): drop --sync-bn")
+    if args.eval_only and not args.resume:
+        fail("--eval-only needs --resume RUN_DIR: the run whose checkpoint to evaluate")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        fail("--tensorboard: tensorboard is not installed (pip install tensorboard)")
+    now = vars(args)
+    changed = [k for k in ("dataset", "num_labels", "seed", "depth", "width") if saved.get(k, now[k]) != now[k]]
+    if changed:  # the same run dir on other data, another split or another network would mix two runs
+        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in changed)
+        fail(f"--resume {args.resume}: that run was made with {was}: start a new run for these")
+    return args
+
+
+# TRY NOT TO MODIFY: EMA, evaluation, run dir and checkpoints
 @torch.no_grad()
 def ema_update(ema_model, model, decay):
-    """ema = decay * ema + (1 - decay) * model for parameters; BatchNorm buffers copied."""
+    """ema = decay * ema + (1 - decay) * model for the parameters; the BatchNorm statistics copied."""
     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
-    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
+    torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
 
 
 @torch.no_grad()
-def evaluate(model, x_test, y_test, info, autocast, batch_size=1024):
-    """Top-1 accuracy (%) and mean cross-entropy on the test set, in eval mode."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), device=x_test.device)
-    loss = torch.zeros((), device=x_test.device)
+def evaluate(ema_model, model, x_test, y_test, info, autocast, batch_size=1024):
+    """Top-1 accuracy (%) and mean cross-entropy of the EMA model, and the raw model's accuracy, in eval mode."""
+    sums = torch.zeros(3, device=x_test.device)  # correct (EMA), cross-entropy (EMA), correct (raw)
+    for m in (ema_model, model):
+        m.eval()
     for i in range(0, len(x_test), batch_size):
-        x = common.normalize(x_test[i : i + batch_size], info).contiguous(memory_format=torch.channels_last)
+        x, y = common.normalize(x_test[i : i + batch_size], info), y_test[i : i + batch_size]
+        x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
-            logits = model(x).float()
-        loss += F.cross_entropy(logits, y_test[i : i + batch_size], reduction="sum")
-        correct += (logits.argmax(1) == y_test[i : i + batch_size]).sum()
-    model.train(was_training)
-    acc, loss = (torch.stack([correct, loss]) / len(x_test)).tolist()
-    return 100 * acc, loss
+            logits, logits_raw = (m(x).float() for m in (ema_model, model))
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        sums += torch.stack([(logits.argmax(1) == y).sum(), loss, (logits_raw.argmax(1) == y).sum()])
+    model.train()
+    acc, loss, acc_raw = (sums / len(x_test)).tolist()
+    return 100 * acc, loss, 100 * acc_raw
 
 
-def save_checkpoint(state, path):
-    """Atomic: a crash at any moment leaves the previous checkpoint whole; a failed write (a full disk) leaves no temp
-    file and ends the run with one line."""
+def check_run_dir(run_dir, resume):
+    """Before the data loads: the run dir can be written, and a new run does not overwrite an old one."""
+    folder = next(d for d in (run_dir, *run_dir.parents) if d.exists())
+    if not folder.is_dir():
+        fail(f"--run-dir {run_dir}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        fail(f"--run-dir {run_dir}: cannot write in {folder} ({e.strerror})")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
+
+
+def load_checkpoint(run_dir, args, world):
+    """The checkpoint to resume from, or one line saying why there is none (exit 2; 0 for a finished run)."""
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():  # the run stopped before its first save
+        fail(f"--resume {run_dir}: no checkpoint.pt there, so nothing to resume: delete it and start again")
+    try:
+        with warnings.catch_warnings():  # torch warns about some foreign files before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    except Exception as e:
+        fail(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}): damaged or not a checkpoint")
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        fail(f"--resume {run_dir}: checkpoint.pt is not a checkpoint of these scripts")
+    if ckpt.get("script", METHOD) != METHOD:
+        fail(f"--resume {run_dir}: its checkpoint was written by {ckpt['script']}.py, not {METHOD}.py")
+    if not args.eval_only and len(ckpt["rng_cpu"]) != world:  # DISTRIBUTED: the RNG state of each rank
+        fail(f"--resume {run_dir}: its checkpoint was written by {len(ckpt['rng_cpu'])} process(es): use as many")
+    if not args.eval_only and ckpt["step"] > args.total_steps:
+        fail(f"--resume {run_dir}: --total-steps {args.total_steps} is below the checkpoint's step {ckpt['step']}")
+    if not args.eval_only and ckpt["step"] == args.total_steps:
+        print(f"{run_dir}: already finished at step {ckpt['step']}; a larger --total-steps continues it")
+        sys.exit(0)
+    return ckpt
+
+
+def save_checkpoint(obj, path):
+    """Atomic: a kill at any moment leaves the previous file whole; a failed write (a full disk) leaves no temp file
+    and ends the run with one line."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            reason = " ".join(str(e).split())[:100]  # one line
-            fail(f"cannot write {path} ({reason}): the previous one is kept; free space and --resume")
+            fail(f"cannot write {path} ({' '.join(str(e).split())[:100]}): the previous one is kept; free space")
         raise
-
-
-def load_checkpoint(path):
-    """The checkpoint to resume from, or one line on stderr (exit code 2) saying why there is none."""
-    if not path.is_file():
-        fail(f"--resume {path.parent}: no {path.name} there (the run stopped before its first save), so nothing "
-             f"to resume: delete {path.parent} and start again")
-    try:
-        with warnings.catch_warnings():  # torch warns about some foreign files before refusing them
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, empty, not a checkpoint, or holding objects that weights_only refuses to load
-        fail(f"--resume {path.parent}: {path.name} cannot be read ({type(e).__name__}): damaged or not a checkpoint")
-    if not isinstance(ckpt, dict) or "step" not in ckpt:
-        fail(f"--resume {path.parent}: {path.name} is not a checkpoint of these scripts")
-    if ckpt.get("script", METHOD) != METHOD:
-        fail(f"--resume {path.parent}: its checkpoint was written by {ckpt['script']}.py, not {METHOD}.py")
-    return ckpt
-
-
-def check_writable(run_dir):
-    """Fail before the data loads if the run dir cannot be written (a file in its path, a read-only disk).
-    Leaves nothing behind."""
-    folder = run_dir
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        fail(f"--run-dir {run_dir}: {folder} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        fail(f"--run-dir {run_dir}: cannot write in {folder} ({e.strerror})")
-
-
-def check_finite(step, values, run_dir):
-    """Divergence: stop before a non-finite value is logged or saved. One line, exit code 3, the last checkpoint kept."""
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        print(f"{METHOD}.py: error: diverged by step {step}: {bad[0]} is {values[bad[0]]}; nothing of it was saved, "
-              f"{run_dir} keeps the last good checkpoint (a new run with a lower --lr may not diverge)",
-              file=sys.stderr)
-        sys.exit(3)
 
 
 def inference_model(ema_model, args, info, step):
     """model.pt: the evaluated weights and what rebuilds the plain WideResNet (README: Evaluate and load a model)."""
-    arch = {"num_classes": ema_model.fc.out_features, "depth": args.depth, "width": args.width,
-            "in_channels": info.channels}
+    arch = dict(num_classes=ema_model.fc.out_features, depth=args.depth, width=args.width, in_channels=info.channels)
     with torch.device("meta"):
-        keys = common.WideResNet(**arch).state_dict().keys()  # heads only the method uses are left out
-    weights = {k: v.cpu().contiguous() for k, v in ema_model.state_dict().items() if k in keys}  # loads without a GPU
-    return {"arch": arch, "weights": weights, "size": info.size, "mean": info.mean, "std": info.std,
-            "classes": list(info.classes), "script": METHOD, "step": step}
+        keys = common.WideResNet(**arch).state_dict().keys()  # the heads only a method uses are left out
+    weights = {k: v.cpu().contiguous() for k, v in ema_model.state_dict().items() if k in keys}
+    out = dict(arch=arch, weights=weights, size=info.size, mean=info.mean, std=info.std, classes=list(info.classes))
+    return {**out, "script": METHOD, "step": step}
+
+
+def check_finite(step, values, run_dir):
+    """Divergence: stop before a non-finite value is logged or saved; one line, exit code 3."""
+    for k, v in values.items():
+        if not math.isfinite(v):
+            why = f"diverged by step {step}: {k} is {v}; nothing of it was saved, {run_dir} keeps the last checkpoint"
+            print(f"{METHOD}.py: error: {why} (a new run with a lower --lr may not diverge)", file=sys.stderr)
+            sys.exit(3)
 
 
 if __name__ == "__main__":
-    t_start = time.perf_counter()
-    args = parse_args()
-    # DISTRIBUTED: under torchrun (WORLD_SIZE > 1) one process per device, NCCL on CUDA, gloo on CPU; a plain run is rank 0 of 1
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if world > 1 and args.device.startswith("cuda") else torch.device(args.device)
+    t_start, args = time.perf_counter(), parse_args()
+    # DISTRIBUTED: under torchrun one process per device (NCCL on CUDA, gloo on CPU); a plain run is rank 0 of 1
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device)
     if world > 1:
         if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        dist.broadcast_object_list(shared := [args.run_dir])  # the default run dir holds the time: rank 0's for every rank
+        dist.broadcast_object_list(shared := [args.run_dir])  # the default run dir holds the time: rank 0's
         args.run_dir = shared[0]
-        if rank > 0:
-            sys.stdout = open(os.devnull, "w")  # only rank 0 prints
+        sys.stdout = sys.stdout if rank == 0 else open(os.devnull, "w")  # rank 0 alone prints
     run_dir = Path(args.run_dir)
     if not args.eval_only:
-        check_writable(run_dir)
-    if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
-        fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt") if args.resume else None
-    if ckpt is not None and not args.eval_only and len(ckpt["rng_cpu"]) != world:  # DISTRIBUTED: state per rank
-        fail(f"--resume {run_dir}: its checkpoint was written by {len(ckpt['rng_cpu'])} process(es); resume it with as many")
-    if ckpt is not None and not args.eval_only and ckpt["step"] > args.total_steps:
-        fail(f"--resume {run_dir}: --total-steps {args.total_steps} is below the checkpoint's step {ckpt['step']}")
-    if ckpt is not None and not args.eval_only and ckpt["step"] == args.total_steps:
-        print(f"{run_dir}: already finished at step {ckpt['step']}; a larger --total-steps continues it")
-        sys.exit(0)
+        check_run_dir(run_dir, args.resume)
+    ckpt = load_checkpoint(run_dir, args, world) if args.resume else None
 
     def interrupted(signum, frame):  # Ctrl-C, SIGTERM: one line on how to go on (the checkpoint on disk is whole)
-        at = f"at step {step}" if "step" in globals() else "before the first step"
         how = "no checkpoint yet, nothing to resume"
         if (run_dir / "checkpoint.pt").is_file():
             how = f"continue with: python {METHOD}.py --resume {run_dir}"
-        if rank == 0:
-            print(f"{METHOD}.py: interrupted {at}; {how}", file=sys.stderr)
+        print(f"{METHOD}.py: interrupted at step {globals().get('step', 0)}; {how}", file=sys.stderr)
         sys.exit(130)
+
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
 
-    # TRY NOT TO MODIFY: seeding, device, data
+    # TRY NOT TO MODIFY: seeding, data
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
@@ -414,165 +368,150 @@ if __name__ == "__main__":
     info = data.info
     sizes = [len(data.x_unlabeled), len(data.x_test), info.num_classes]  # the data a resume must find again
     if ckpt is not None and ckpt.get("data", sizes) != sizes:
-        fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, "
-             f"now {sizes}): give its --dataset and --data-dir")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
+        fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, now {sizes})")
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none")
     prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
 
-    # TRY NOT TO MODIFY: model, EMA, optimizer (no weight decay on BatchNorm and biases), schedule
-    model = DSTNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum, args.head_width, args.heads)
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn else model  # DISTRIBUTED: BatchNorm over all ranks
+    # ALGO LOGIC: the network
+    heads = dict(head_width=args.head_width, heads=args.heads)  # DST's pseudo and worst-case heads
+    model = DSTNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum, **heads)
+    # TRY NOT TO MODIFY: EMA, optimizer (no weight decay on BatchNorm and biases), schedule; what a checkpoint holds
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn else model  # DISTRIBUTED
     model = model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # the evaluated model
     train_model = torch.compile(model) if args.compile else model
-    train_model = torch.nn.parallel.DistributedDataParallel(train_model) if world > 1 else train_model  # DISTRIBUTED: averages gradients
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=args.lr, momentum=args.momentum, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps)))
+    train_model = torch.nn.parallel.DistributedDataParallel(train_model) if world > 1 else train_model  # DISTRIBUTED
+    decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, fused=device.type == "cuda")
+    cosine = lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    state = dict(model=model, ema_model=ema_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
-    # DISTRIBUTED: every rank built the same weights from --seed above; from here on each rank draws its own batches
-    torch.manual_seed(args.seed + rank)
-
-    # TRY NOT TO MODIFY: run dir, resume, logging
-    start_step, best_acc, running, n_running = 0, 0.0, {}, 0
+    # TRY NOT TO MODIFY: resume, run dir, logging
+    torch.manual_seed(args.seed + rank)  # DISTRIBUTED: the same weights on every rank above, each its own batches below
+    start_step, best_acc, running = 0, 0.0, {}
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema_model.load_state_dict(ckpt["ema_model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_step, best_acc, n_running = ckpt["step"], ckpt["best_acc"], ckpt["n_running"]
-            running = {k: v.to(device) for k, v in ckpt["running"][rank].items()}
+        try:  # modules, optimizers, schedulers and scalers load their state dict; the method's tensors are copied
+            for k, v in state.items():
+                v.load_state_dict(ckpt[k]) if hasattr(v, "load_state_dict") else v.copy_(ckpt[k])
+            start_step, best_acc = ckpt["step"], ckpt["best_acc"]
             torch.set_rng_state(ckpt["rng_cpu"][rank])
             if device.type == "cuda":
                 torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
         except (KeyError, ValueError, RuntimeError) as e:  # another method's or network's state
             fail(f"--resume {run_dir}: its checkpoint does not fit this run ({' '.join(str(e).split())[:120]})")
     if args.eval_only:  # the checkpoint's models on the test set: one line, nothing written
-        acc, loss_eval = evaluate(ema_model, data.x_test, data.y_test, info, autocast)
-        acc_raw, _ = evaluate(model, data.x_test, data.y_test, info, autocast)
-        print(f"{METHOD} | {run_dir} | step {start_step} | eval acc {acc:.2f} (raw model {acc_raw:.2f}) | "
-              f"loss {loss_eval:.4f}")
+        acc, loss_eval, acc_raw = evaluate(ema_model, model, data.x_test, data.y_test, info, autocast)
+        text = f"eval acc {acc:.2f} (raw model {acc_raw:.2f}) | loss {loss_eval:.4f}"
+        print(f"{METHOD} | {run_dir} | step {start_step} | {text}")
         sys.exit(0)
-    metrics_path = run_dir / "metrics.jsonl"
-    if rank == 0:  # DISTRIBUTED: only rank 0 writes (every rank checked the run dir before DDP's first collective)
+    metrics, writer = run_dir / "metrics.jsonl", None
+    if rank == 0:  # DISTRIBUTED: rank 0 alone writes
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
         (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
-        if metrics_path.exists():  # drop rows logged after the checkpoint we resume from (or all, if none)
-            rows = []
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill
-                    pass
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start_step))
-    writer = None
-    if args.tensorboard and rank == 0:  # DISTRIBUTED: only rank 0 writes
-        try:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []  # rows logged after the checkpoint go,
+        metrics.write_text("".join(f"{r}\n" for r in lines if r.endswith("}") and json.loads(r)["step"] <= start_step))
+        if args.tensorboard:  # and so does a row a kill cut short (it does not end in "}")
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(run_dir, purge_step=start_step + 1)
-        except ImportError:
-            print("tensorboard is not installed: logging to metrics.jsonl only", file=sys.stderr)
 
     def log(row):
-        if rank > 0:  # DISTRIBUTED: only rank 0 writes
-            return
-        row = {k: v if math.isfinite(v) else None for k, v in row.items()}  # JSON has no NaN or inf: null
+        """A row of metrics.jsonl (and TensorBoard), by rank 0 alone; JSON has no NaN or inf: those are written null."""
+        row = {k: v if math.isfinite(v) else None for k, v in row.items()}
         try:
-            with open(metrics_path, "a") as f:
+            with open(metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        except OSError as e:  # a full disk: the checkpoint on disk is whole
-            fail(f"cannot write {metrics_path} ({e.strerror}): free space and --resume")
-        if writer:
-            for k, v in row.items():
-                if k != "step" and v is not None:
-                    writer.add_scalar(k, v, row["step"])
+        except OSError as e:
+            fail(f"cannot write {metrics} ({e.strerror}): free space and --resume")
+        for k, v in row.items():
+            if writer and k != "step" and v is not None:
+                writer.add_scalar(k, v, row["step"])
 
-    print(f"{METHOD} | {args.dataset} {args.num_labels} labels | WRN-{args.depth}-{args.width} "
-          f"{sum(p.numel() for p in model.parameters()):,} params | {device} amp={args.amp} | {run_dir}")
+    params = sum(p.numel() for p in model.parameters())
+    wrn = f"WRN-{args.depth}-{args.width} {params:,} params"
+    print(f"{METHOD} | {args.dataset} {args.num_labels} labels | {wrn} | {device} amp={args.amp} | {run_dir}")
     model.train()
     t_last, step_last = time.perf_counter(), start_step
     for step in range(start_step + 1, args.total_steps + 1):
-        # ALGO LOGIC: one forward of [labeled weak, unlabeled weak, unlabeled strong] through psi and the three heads
+        # ALGO LOGIC: one forward of [labeled weak, unlabeled weak, unlabeled strong]; the weak view labels the strong
         _, x_l, y_l = common.sample_batch(args.batch_size, data.x_labeled, data.y_labeled)
-        _, x_u, y_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled, data.y_unlabeled)  # y_u: logging only
-        x = torch.cat([common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip), common.strong_augment(x_u, flip=info.flip)])
-        lam = grl_coefficient(step - 1, args.grl_warmup * args.total_steps, args.grl_lo, args.grl_hi, args.grl_alpha)  # Eq. (5)
-        coeff = torch.full((), lam, device=device)  # a fill from a host scalar, not a copy: no sync
+        _, x_u, y_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled, data.y_unlabeled)
+        x_w = common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip)  # [alpha(x), alpha(u)]
+        x = torch.cat([x_w, common.strong_augment(x_u, flip=info.flip)])  # [alpha(x), alpha(u), A(u)]
+        lam = grl_coefficient(step - 1, args.grl_warmup * args.total_steps, args.grl_lo, args.grl_hi, args.grl_alpha)
+        coeff = torch.full((), lam, device=device)  # lambda_k of Eq. (5), k = step - 1; a fill, not a copy: no sync
         with autocast:
-            logits, logits_p, logits_w = (t.float() for t in train_model(prep(x), coeff))  # (B + 2 mu B, classes) each
-        n_l, n_u = len(x_l), len(x_u)
-        logits_l, logits_u, _ = logits.split([n_l, n_u, n_u])
-        loss_x = F.cross_entropy(logits_l, y_l)  # Eq. (1): the only loss that reaches h
-        confidence, pseudo = logits_u.detach().softmax(1).max(1)  # h's pseudo labels on the weak view
-        mask = (confidence > args.threshold).float()
-        loss_p = (F.cross_entropy(logits_p[n_l + n_u :], pseudo, reduction="none") * mask).mean()  # Eq. (2), strong view
-        loss_w = worst_case_loss(logits_l, logits_w[:n_l], logits_u, logits_w[n_l : n_l + n_u], args.eta_prime)  # Eq. (3), weak
+            logits, logits_pseudo, logits_worst = (t.float() for t in train_model(prep(x), coeff))  # h, h_p, h_w
+        logits_l, logits_w, _ = logits.split([len(x_l), len(x_u), len(x_u)])  # h: no loss on the strong view
+        _, _, pseudo_s = logits_pseudo.split([len(x_l), len(x_u), len(x_u)])  # h_p: the strong view alone
+        worst_l, worst_u, _ = logits_worst.split([len(x_l), len(x_u), len(x_u)])  # h_w: the weak views
+        loss_x = F.cross_entropy(logits_l, y_l)  # Eq. (1)
+        max_probs, pseudo_label = logits_w.detach().softmax(1).max(1)  # max(q_b), argmax(q_b): constants
+        mask = (max_probs > args.threshold).float()  # strict, as DST's code
+        loss_p = (F.cross_entropy(pseudo_s, pseudo_label, reduction="none") * mask).mean()  # Eq. (2): over all mu B
+        loss_w = worst_case_loss(logits_l, worst_l, logits_w, worst_u, args.eta_prime)  # Eq. (3)
         loss = loss_x + args.pseudo_weight * loss_p + args.worst_weight * loss_w  # Eq. (4)
-        known = mask * (y_u >= 0)  # confident pseudo labels whose true label exists (for logging)
-        pseudo_acc = (known * (pseudo == y_u)).sum() / known.sum().clamp(min=1)
-        stats = {"losses/total": loss, "losses/sup": loss_x, "losses/pseudo": loss_p, "losses/worst": loss_w,
-                 "train/mask_ratio": mask.mean(), "train/pseudo_acc": pseudo_acc, "train/grl_coeff": coeff}
-
-        # TRY NOT TO MODIFY: optimizer step, EMA, device-side metric sums (no host sync)
+        known = mask * (y_u >= 0)  # masked samples whose label is known (for logging only)
+        pseudo_acc = (known * (pseudo_label == y_u)).sum() / known.sum().clamp(min=1)
+        stats = {"losses/total": loss, "losses/sup": loss_x, "losses/pseudo": loss_p, "losses/worst": loss_w}
+        stats.update({"train/mask_ratio": mask.mean(), "train/pseudo_acc": pseudo_acc})
+        stats["train/grl_coeff"] = coeff
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
-        for k, v in stats.items():
-            running[k] = running.get(k, 0) + v.detach().float()
-        n_running += 1
 
-        # TRY NOT TO MODIFY: log, evaluate, checkpoint
-        last = step == args.total_steps
-        if step % args.log_every == 0 or last:
+        # TRY NOT TO MODIFY: EMA, metric sums on the device (no host sync)
+        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
+        running = {k: running.get(k, 0) + v.detach().float() for k, v in {**stats, "n": loss.new_ones(())}.items()}
+
+        # TRY NOT TO MODIFY: log (at every save too: a checkpoint holds no metric sums), evaluate, checkpoint
+        save = step % args.save_every == 0 or step == args.total_steps
+        if step % args.log_every == 0 or save:
             sums = torch.stack(list(running.values()))
-            if world > 1:  # DISTRIBUTED: sums over all ranks, so a row is the mean over every rank's steps
+            if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
                 dist.all_reduce(sums)
-            means = dict(zip(running, (sums / (world * n_running)).tolist()))  # the one host sync per log interval
-            check_finite(step, means, run_dir)
-            its = (step - step_last) / (time.perf_counter() - t_last)
-            lr = scheduler.get_last_lr()[0]
-            log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
-            running, n_running = {}, 0
+            sums = dict(zip(running, sums.tolist(), strict=True))  # the one host sync per log row
+            means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+            weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
+            check_finite(step, {**means, "the sum of the weights": weights}, run_dir)
+            its, lr, running = (step - step_last) / (time.perf_counter() - t_last), scheduler.get_last_lr()[0], {}
+            if rank == 0:  # DISTRIBUTED
+                log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
+            text = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
             eta = time.strftime("%H:%M:%S", time.gmtime((args.total_steps - step) / its))
-            print(f"step {step:>7}/{args.total_steps} | " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
-                  + f" | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
-        if (step % args.eval_every == 0 or last) and rank == 0:  # DISTRIBUTED: rank 0 evaluates, the others wait in the next collective
-            acc, loss_eval = evaluate(ema_model, data.x_test, data.y_test, info, autocast)
-            acc_raw, _ = evaluate(model, data.x_test, data.y_test, info, autocast)
+            print(f"step {step:>7}/{args.total_steps} | {text} | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
+        if (step % args.eval_every == 0 or step == args.total_steps) and rank == 0:  # DISTRIBUTED: rank 0 alone
+            acc, loss_eval, acc_raw = evaluate(ema_model, model, data.x_test, data.y_test, info, autocast)
             best_acc = max(best_acc, acc)
-            log({"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw, "eval/best_acc": best_acc})
-            print(f"step {step:>7} | eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f}) | loss {loss_eval:.4f}", flush=True)
-        if step % args.save_every == 0 or last:
-            ranks = [({k: v.cpu() for k, v in running.items()}, torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
-            if world > 1:  # DISTRIBUTED: every rank's metric sums and RNG states, for an exact resume
-                dist.all_gather_object(gathered := [None] * world, ranks[0])
-                ranks = gathered
-            running_ranks, rng_cpu, rng_cuda = (list(t) for t in zip(*ranks))  # lists indexed by rank
-            unlogged = {k: float(v.sum()) for r in running_ranks for k, v in r.items()}  # since the last log row
-            check_finite(step, {**unlogged, "model weights": float(sum(p.detach().sum() for p in model.parameters()))}, run_dir)
-            if rank == 0:  # DISTRIBUTED: only rank 0 writes
-                save_checkpoint({"step": step, "args": vars(args), "model": model.state_dict(), "ema_model": ema_model.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                 "best_acc": best_acc, "running": running_ranks, "n_running": n_running, "rng_cpu": rng_cpu,
-                                 "rng_cuda": rng_cuda, "script": METHOD, "data": sizes}, run_dir / "checkpoint.pt")
+            row = {"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw}
+            log({**row, "eval/best_acc": best_acc})
+            text = f"eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f})"
+            print(f"step {step:>7} | {text} | loss {loss_eval:.4f}", flush=True)
+        if save:
+            rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
+            if world > 1:  # DISTRIBUTED: every rank's RNG states, for an exact resume
+                dist.all_gather_object(gathered := [None] * world, rng[0])
+                rng = gathered
+            if rank == 0:
+                ckpt = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
+                ckpt.update(step=step, args=vars(args), best_acc=best_acc, script=METHOD, data=sizes)
+                ckpt.update(rng_cpu=[r[0] for r in rng], rng_cuda=[r[1] for r in rng])
+                save_checkpoint(ckpt, run_dir / "checkpoint.pt")
                 save_checkpoint(inference_model(ema_model, args, info, step), run_dir / "model.pt")
-        if step % args.log_every == 0 or step % args.eval_every == 0 or step % args.save_every == 0:
-            t_last, step_last = time.perf_counter(), step  # it/s excludes evaluation and saving
+        if step % args.log_every == 0 or step % args.eval_every == 0 or save:
+            t_last, step_last = time.perf_counter(), step  # it/s leaves out evaluation and saving
     if writer:
         writer.close()
     if rank == 0:
-        print(f"done: step {step} | eval acc {acc:.2f} (best {best_acc:.2f}) | "
-              f"{time.strftime('%H:%M:%S', time.gmtime(time.perf_counter() - t_start))} | {run_dir}", flush=True)
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.perf_counter() - t_start))
+        print(f"done: step {step} | eval acc {acc:.2f} (best {best_acc:.2f}) | {elapsed} | {run_dir}", flush=True)
     if world > 1:  # DISTRIBUTED: every rank done (rank 0 may still be saving) before the group goes
         dist.barrier()
         dist.destroy_process_group()

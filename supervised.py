@@ -380,15 +380,8 @@ if __name__ == "__main__":
         if (step % args.eval_every == 0 or step == args.total_steps) and rank == 0:  # DISTRIBUTED: rank 0 alone
             acc, loss_eval, acc_raw = evaluate(ema_model, model, data.x_test, data.y_test, info, autocast)
             best_acc = max(best_acc, acc)
-            log(
-                {
-                    "step": step,
-                    "eval/acc": acc,
-                    "eval/loss": loss_eval,
-                    "eval/acc_raw": acc_raw,
-                    "eval/best_acc": best_acc,
-                }
-            )
+            row = {"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw}
+            log({**row, "eval/best_acc": best_acc})
             text = f"eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f})"
             print(f"step {step:>7} | {text} | loss {loss_eval:.4f}", flush=True)
         if save:

@@ -66,6 +66,7 @@ from scripts import ROOT, SCRIPTS, check_scripts, fail, parser, positive
 
 # Rows of the table: name -> (script, extra flags). maxl_single is MAXL without its auxiliary task.
 RUNS = {Path(script).stem: (script, []) for script in SCRIPTS} | {"maxl_single": ("maxl.py", ["--aux-weight", "0"])}
+RUNS["pseudo_label"] = ("pseudo_label.py", ["--mu", "1"])  # its references' mu, whatever --mu the others get
 OFFLINE = {
     "label_counts": [20, 50],
     "seeds": [0, 1, 2],
@@ -93,14 +94,17 @@ PAPER = {
     "ema_decay": None,
 }
 # Published best accuracy (%) on CIFAR-10 with WRN-28-2, mean of 3 seeds: TorchSSL's as the FlexMatch paper
-# (v3) reports them; supervised-only is USB's; Temporal Ensembling (ConvNet-13), DST and MPL (4000 labels, with
-# finetuning) are their own papers'. Not our numbers.
+# (v3) reports them (Pseudo-Label's and FixMatch's as TorchSSL's README at 045cc9c lists them); supervised-only is
+# USB's; Temporal Ensembling (ConvNet-13), DST and MPL (4000 labels, with finetuning) are their own papers'.
+# Not our numbers.
 REFERENCE = {
     "supervised": {40: 22.42, 250: 44.04, 4000: 84.49},
+    "pseudo_label": {40: 26.26, 250: 53.86, 4000: 85.25},
     "pi_model": {40: 25.66, 250: 53.76, 4000: 86.87},
     "mean_teacher": {40: 29.91, 250: 62.54, 4000: 91.90},
     "temporal_ensembling": {4000: 87.84},
     "uda": {40: 89.38, 250: 94.84, 4000: 95.71},
+    "fixmatch": {40: 92.53, 250: 95.14, 4000: 95.79},
     "flexmatch": {40: 95.03, 250: 95.02, 4000: 95.81},
     "dst": {40: 94.0},
     "mpl": {4000: 96.11},
@@ -111,45 +115,17 @@ def extra_flags(name, total_steps, offline):
     """Per-script flags: the row's own, plus mpl.py's teacher weight and schedules for a short offline budget."""
     flags = list(RUNS[name][1])
     if name == "mpl" and offline:
-        flags += [
-            "--uda-weight",
-            1,
-            "--uda-steps",
-            round(0.2 * total_steps),
-            "--warmup-steps",
-            round(0.05 * total_steps),
-            "--student-wait-steps",
-            round(0.1 * total_steps),
-        ]
+        ramps = {"--uda-steps": 0.2, "--warmup-steps": 0.05, "--student-wait-steps": 0.1}  # fractions of the run
+        flags += ["--uda-weight", 1, *(x for flag, f in ramps.items() for x in (flag, round(f * total_steps)))]
     return [str(f) for f in flags]
 
 
 def script_args(name, labels, seed, cfg):
     """The command-line arguments of one run (without --run-dir)."""
-    args = [
-        "--dataset",
-        cfg["script_dataset"],
-        "--data-dir",
-        cfg["data_dir"],
-        "--num-labels",
-        labels,
-        "--seed",
-        seed,
-        "--device",
-        cfg["device"],
-    ]
-    for key in (
-        "total_steps",
-        "eval_every",
-        "log_every",
-        "depth",
-        "width",
-        "batch_size",
-        "mu",
-        "bn_momentum",
-        "ema_decay",
-        "amp",
-    ):
+    args = ["--dataset", cfg["script_dataset"], "--data-dir", cfg["data_dir"], "--num-labels", labels, "--seed", seed]
+    args += ["--device", cfg["device"]]
+    sizes = ("total_steps", "eval_every", "log_every", "depth", "width", "batch_size", "mu", "bn_momentum")
+    for key in (*sizes, "ema_decay", "amp"):
         if cfg[key] is not None:
             args += [f"--{key.replace('_', '-')}", cfg[key]]
     if cfg["eval_every"] is not None:

@@ -8,10 +8,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [
     "supervised.py",
+    "pseudo_label.py",
     "pi_model.py",
     "mean_teacher.py",
     "temporal_ensembling.py",
     "uda.py",
+    "fixmatch.py",
     "flexmatch.py",
     "dst.py",
     "mpl.py",

@@ -23,10 +23,12 @@ B, MU = 2, 1
 # for the semi-supervised methods; maxl.py draws a second labeled batch for its generator's meta step.
 DRAWN = {
     "supervised.py": B,
+    "pseudo_label.py": B + MU * B,
     "pi_model.py": B + MU * B,
     "mean_teacher.py": B + MU * B,
     "temporal_ensembling.py": B + MU * B,
     "uda.py": B + MU * B,
+    "fixmatch.py": B + MU * B,
     "flexmatch.py": B + MU * B,
     "dst.py": B + MU * B,
     "mpl.py": B + MU * B,

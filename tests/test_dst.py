@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from scriptrun import TINY, rows, run_inprocess
 
 import common
 import dst
-from scriptrun import TINY, rows, run_inprocess
 
 FAST = [*TINY, "--mu", "1"]  # one unlabeled image per labeled one: the strong augmentation dominates a CPU step
 
@@ -102,15 +102,16 @@ def test_evaluation_uses_the_main_head_only():
     expected = 100 * (logits.argmax(1) == y_test).float().mean().item()
     assert expected >= 50
     off = torch.autocast("cpu", enabled=False)
-    acc, loss = dst.evaluate(net, x_test, y_test, info, off)
+    acc, loss, acc_raw = dst.evaluate(net, net, x_test, y_test, info, off)  # as the EMA model and the raw one
     assert acc == pytest.approx(expected) and loss == pytest.approx(F.cross_entropy(logits, y_test).item(), rel=1e-5)
+    assert acc_raw == acc
     with torch.no_grad():  # heads that evaluate() would read if it used them
         for p in [*net.pseudo_head.parameters(), *net.worst_head.parameters()]:
             p.normal_()
-    assert dst.evaluate(net, x_test, y_test, info, off) == (acc, loss)
+    assert dst.evaluate(net, net, x_test, y_test, info, off) == (acc, loss, acc)
     with torch.no_grad():
         net.fc.weight.neg_()
-    assert dst.evaluate(net, x_test, y_test, info, off)[0] != acc
+    assert dst.evaluate(net, net, x_test, y_test, info, off)[0] != acc
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +119,15 @@ def runs(data_dir, tmp_path_factory):
     """In-process runs, identical but for the pseudo and worst-case weights: one step with every
     pseudo label admitted and the reversal on from the start, and two steps with the defaults."""
     out = {}
-    for name, extra in {"one_on": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05],
-                        "one_off": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05,
-                                    "--pseudo-weight", 0, "--worst-weight", 0],
-                        "two_on": ["--total-steps", 2],
-                        "two_off": ["--total-steps", 2, "--pseudo-weight", 0, "--worst-weight", 0]}.items():
-        out[name] = run_inprocess("dst.py", *FAST, "--data-dir", data_dir, *extra,
-                                  "--run-dir", tmp_path_factory.mktemp(name))
+    for name, extra in {
+        "one_on": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05],
+        "one_off": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05, "--pseudo-weight", 0, "--worst-weight", 0],
+        "two_on": ["--total-steps", 2],
+        "two_off": ["--total-steps", 2, "--pseudo-weight", 0, "--worst-weight", 0],
+    }.items():
+        out[name] = run_inprocess(
+            "dst.py", *FAST, "--data-dir", data_dir, *extra, "--run-dir", tmp_path_factory.mktemp(name)
+        )
     return out
 
 
@@ -159,7 +162,7 @@ def test_logged_coefficient_and_pseudo_label_accuracy(runs):
     assert g["stats"]["train/mask_ratio"].item() == 1.0
     known = g["y_u"] >= 0
     assert known.all()  # Fashion-MNIST: every unlabeled image has its label
-    expected = (g["pseudo"] == g["y_u"]).float().mean()
+    expected = (g["pseudo_label"] == g["y_u"]).float().mean()
     assert g["stats"]["train/pseudo_acc"].item() == pytest.approx(expected.item())
 
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from scriptrun import TINY, checkpoint, rows, run_inprocess
 
 
@@ -14,9 +13,11 @@ def test_mapping_functions():
     from flexmatch import MAPPINGS
 
     x = torch.tensor([0.0, 0.5, 0.8, 1.0])
-    expected = {"convex": [0.0, 1 / 3, 2 / 3, 1.0],  # x / (2 - x)
-                "linear": [0.0, 0.5, 0.8, 1.0],
-                "concave": [0.0, 0.5849625, 0.8479969, 1.0]}  # ln(1 + x) / ln 2
+    expected = {
+        "convex": [0.0, 1 / 3, 2 / 3, 1.0],  # x / (2 - x)
+        "linear": [0.0, 0.5, 0.8, 1.0],
+        "concave": [0.0, 0.5849625, 0.8479969, 1.0],
+    }  # ln(1 + x) / ln 2
     assert set(MAPPINGS) == set(expected)
     for name, values in expected.items():
         assert torch.allclose(MAPPINGS[name](x), torch.tensor(values), atol=1e-6), name
@@ -72,8 +73,21 @@ def runs(data_dir, tmp_path_factory):
     out = {}
     for w in (0, 1):
         run_dir = tmp_path_factory.mktemp(f"flex{w}")
-        args = [*TINY, "--data-dir", data_dir, "--total-steps", 6, "--mu", 2, "--threshold", 0.2, "--log-every", 1,
-                "--run-dir", run_dir]
+        args = [
+            *TINY,
+            "--data-dir",
+            data_dir,
+            "--total-steps",
+            6,
+            "--mu",
+            2,
+            "--threshold",
+            0.2,
+            "--log-every",
+            1,
+            "--run-dir",
+            run_dir,
+        ]
         out[w] = run_inprocess("flexmatch.py", *args, "--unsup-weight", w), run_dir, args
     return out
 
@@ -101,7 +115,7 @@ def test_marks_in_a_real_run_and_its_checkpoint(runs):
     # up to and including the first step that marks, thresholds come from marks all -1: 0, every sample passes
     first = next(i for i, r in enumerate(train) if r["train/unused_ratio"] < 1)
     assert train[0]["step"] == 1 and first < len(train) - 1
-    assert all(r["train/threshold_mean"] == 0 and r["train/mask_ratio"] == 1 for r in train[:first + 1])
+    assert all(r["train/threshold_mean"] == 0 and r["train/mask_ratio"] == 1 for r in train[: first + 1])
     last = train[-1]
     assert last["step"] == 6 and math.isclose(last["train/unused_ratio"], 1 - marked / 200, abs_tol=1e-6)
     assert last["train/threshold_mean"] > 0  # the marks moved the thresholds off zero

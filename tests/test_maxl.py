@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakedata import make_fake_dataset
+from scriptrun import TINY, checkpoint, rows, run_inprocess
 
 import common
 import maxl
-from fakedata import make_fake_dataset
-from scriptrun import TINY, checkpoint, rows, run_inprocess
 
 
 def tiny_nets(num_classes=3, psi=2, dtype=torch.float64, seed=0):
@@ -72,8 +72,7 @@ def test_mask_softmax_only_on_the_class_slots():
 
 def test_mask_softmax_finite_for_huge_logits_where_the_reference_overflows():
     slots = maxl.slot_mask(2, 3)
-    logits = torch.tensor([[1e4, 1e4 + 1, 1e4 - 1, 2e4, 0.0, 0.0],
-                           [5e4, 0.0, 0.0, 1e4, 1e4, 1e4]])
+    logits = torch.tensor([[1e4, 1e4 + 1, 1e4 - 1, 2e4, 0.0, 0.0], [5e4, 0.0, 0.0, 1e4, 1e4, 1e4]])
     y = torch.tensor([0, 1])
     q = maxl.mask_softmax(logits, y, slots)
     assert torch.isfinite(q).all()
@@ -142,12 +141,14 @@ def test_entropy_regulariser_finite_when_a_class_is_absent():
 
 @pytest.mark.parametrize("entropy_weight", [0.0, 0.2])
 def test_meta_gradient_matches_finite_differences_and_is_second_order(entropy_weight):
-    """Directional derivative of L_2(theta_2) along a random unit direction v: autograd (second
-    order) against central differences of meta_loss, float64, WRN-10-1 on six 12x12 images. The first-order approximation (the inner
-    gradient taken as a constant) keeps only the entropy term's gradient: 0 when lambda = 0."""
+    """Directional derivative of L_2(theta_2) along a random unit direction v: autograd (second order) against
+    central differences of meta_loss, float64, WRN-10-1 on six 12x12 images. The first-order approximation (the
+    inner gradient taken as a constant) keeps only the entropy term's gradient: 0 when lambda = 0."""
     model, generator = tiny_nets()
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(6, 1, 12, 12, dtype=torch.float64, generator=gen)  # small images: fast, and no LeakyReLU kink within eps here
+    x = torch.randn(
+        6, 1, 12, 12, dtype=torch.float64, generator=gen
+    )  # small images: fast, and no LeakyReLU kink within eps here
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     slots = maxl.slot_mask(3, 2)
     alpha = 0.5  # a large look-ahead step makes the second-order term large
@@ -162,8 +163,10 @@ def test_meta_gradient_matches_finite_differences_and_is_second_order(entropy_we
     loss, _, reg = loss_fn()
     grads = torch.autograd.grad(loss, params, retain_graph=True)
     analytic = sum((g * d).sum() for g, d in zip(grads, v)).item()
-    first_order = sum((g * d).sum() for g, d in zip(torch.autograd.grad(entropy_weight * reg, params, allow_unused=True,
-                                                                         materialize_grads=True), v)).item()
+    first_order = sum(
+        (g * d).sum()
+        for g, d in zip(torch.autograd.grad(entropy_weight * reg, params, allow_unused=True, materialize_grads=True), v)
+    ).item()
     eps = 1e-5
     values = []
     for sign in (1, -1):
@@ -248,8 +251,24 @@ def test_cifar100_coarse_table():
 
 def test_cifar100_trains_and_evaluates_on_superclasses(patched_integrity, tmp_path):
     truth = make_fake_dataset("cifar100", tmp_path / "data", n_train=300, n_test=50)
-    args = ["--dataset", "cifar100", "--data-dir", tmp_path / "data", "--depth", "10", "--width", "1", "--batch-size", "8",
-            "--device", "cpu", "--total-steps", 1, "--run-dir", tmp_path / "run"]
+    args = [
+        "--dataset",
+        "cifar100",
+        "--data-dir",
+        tmp_path / "data",
+        "--depth",
+        "10",
+        "--width",
+        "1",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--total-steps",
+        1,
+        "--run-dir",
+        tmp_path / "run",
+    ]
     g = run_inprocess("maxl.py", *args)
     coarse = torch.tensor(maxl.CIFAR100_COARSE)
     assert g["args"].primary == "coarse" and g["args"].num_labels is None and g["num_classes"] == 20
@@ -282,7 +301,9 @@ def test_one_step_recomputed(data_dir, tmp_path):
     generator's update (plain SGD on the second-order gradient of (5)) and the multi-task net's update
     (nesterov SGD on (3) alone, the generated labels constant); the meta step does not touch the
     running buffers (they move by step 1's forward alone)."""
-    g = run_inprocess("maxl.py", *TINY, "--data-dir", data_dir, "--total-steps", 1, "--log-every", 1, "--run-dir", tmp_path)
+    g = run_inprocess(
+        "maxl.py", *TINY, "--data-dir", data_dir, "--total-steps", 1, "--log-every", 1, "--run-dir", tmp_path
+    )
     row = rows(tmp_path)[0]
     model0, gen0 = initial_nets()
     x_l, y_l, x_m, y_m = g["x_l"], g["y_l"], g["x_m"], g["y_m"]
@@ -325,9 +346,21 @@ def test_one_step_recomputed(data_dir, tmp_path):
 
 
 def test_single_baseline_has_no_generator(data_dir, tmp_path):
-    g = run_inprocess("maxl.py", *TINY, "--data-dir", data_dir, "--total-steps", 3, "--log-every", 1, "--aux-weight", 0,
-                      "--run-dir", tmp_path)
-    assert g["generator"] is None and g["meta_parts"] == {}
+    g = run_inprocess(
+        "maxl.py",
+        *TINY,
+        "--data-dir",
+        data_dir,
+        "--total-steps",
+        3,
+        "--log-every",
+        1,
+        "--aux-weight",
+        0,
+        "--run-dir",
+        tmp_path,
+    )
+    assert g["generator"] is None and set(g["state"]) == {"model", "ema_model", "optimizer", "scheduler", "scaler"}
     ckpt = checkpoint(tmp_path)
     assert not any(k.startswith("gen") for k in ckpt)
     model0, _ = initial_nets()

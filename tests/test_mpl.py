@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from scriptrun import TINY, checkpoint, flat, rows, run, run_inprocess, run_killed, same
 
 import mpl
-from scriptrun import TINY, checkpoint, flat, rows, run, run_inprocess, run_killed, same
 
 SMOOTHING, TEMPERATURE, THRESHOLD = 0.15, 0.7, 0.2  # the script's defaults, and a threshold some samples pass at init
 
@@ -125,8 +125,20 @@ def test_warmup_cosine_by_hand():
 # The real script, in-process: two MPL steps (lr not waiting, no dropout so that CE_new can be
 # recomputed), and the same two steps followed by one finetuning step at lr 0.
 # ---------------------------------------------------------------------------------------------
-RUN = ["--total-steps", 2, "--log-every", 1, "--warmup-steps", 0, "--student-wait-steps", 0, "--dropout", 0,
-       "--threshold", THRESHOLD]
+RUN = [
+    "--total-steps",
+    2,
+    "--log-every",
+    1,
+    "--warmup-steps",
+    0,
+    "--student-wait-steps",
+    0,
+    "--dropout",
+    0,
+    "--threshold",
+    THRESHOLD,
+]
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +159,13 @@ def test_logged_h_baseline_and_losses_match_the_formulas(two_steps):
         assert r["train/mpl_h"] == pytest.approx(h_raw - b, rel=1e-4, abs=1e-7)
         assert r["losses/total"] == r["losses/student"] > 0
     last = train[-1]
-    for key, name in (("train/ce_old", "ce_old"), ("train/ce_new", "ce_new"), ("train/mpl_h", "h"),
-                      ("train/mpl_baseline", "mpl_baseline"), ("losses/teacher_mpl", "loss_t_mpl")):
+    for key, name in (
+        ("train/ce_old", "ce_old"),
+        ("train/ce_new", "ce_new"),
+        ("train/mpl_h", "h"),
+        ("train/mpl_baseline", "mpl_baseline"),
+        ("losses/teacher_mpl", "loss_t_mpl"),
+    ):
         assert last[key] == pytest.approx(g[name].item(), rel=1e-6)
     n_l = len(g["y_l"])
     # CE_old: the student's labeled logits of its training forward, unsmoothed
@@ -161,7 +178,9 @@ def test_logged_h_baseline_and_losses_match_the_formulas(two_steps):
     assert g["ce_new"].item() != pytest.approx(g["ce_old"].item(), rel=1e-4)  # the student moved
     # the learning rates: K = 2, no warm-up, no wait, logged after each step: lr * cos-schedule(1), (2)
     assert [r["train/lr"] for r in train] == pytest.approx([0.025, 0.0], abs=1e-12)
-    assert [r["train/lr_teacher"] for r in train] == pytest.approx([0.025, 0.0], rel=1e-6, abs=1e-12)  # logged as a float32 tensor
+    assert [r["train/lr_teacher"] for r in train] == pytest.approx(
+        [0.025, 0.0], rel=1e-6, abs=1e-12
+    )  # logged as a float32 tensor
 
 
 def test_student_learns_the_teachers_weak_view_label_alone(two_steps):
@@ -176,8 +195,11 @@ def test_student_learns_the_teachers_weak_view_label_alone(two_steps):
     assert torch.equal(g["y_hat"], weak_label)
     expected = F.cross_entropy(s_us, weak_label, label_smoothing=SMOOTHING)
     assert g["loss_s"].item() == pytest.approx(expected.item(), rel=1e-6)
-    for wrong in (F.cross_entropy(s_us, strong_label, label_smoothing=SMOOTHING), F.cross_entropy(s_us, g["y_hat"]),
-                  expected + F.cross_entropy(g["s_logits"][: len(g["y_l"])].detach(), g["y_l"])):
+    for wrong in (
+        F.cross_entropy(s_us, strong_label, label_smoothing=SMOOTHING),
+        F.cross_entropy(s_us, g["y_hat"]),
+        expected + F.cross_entropy(g["s_logits"][: len(g["y_l"])].detach(), g["y_l"]),
+    ):
         assert g["loss_s"].item() != pytest.approx(wrong.item(), rel=1e-4)
     h = g["h"]
     assert g["loss_t_mpl"].item() == pytest.approx((h * F.cross_entropy(t_uw, weak_label)).item(), rel=1e-6)
@@ -232,22 +254,32 @@ def test_gradient_paths(two_steps):
 
 
 def test_schedules_are_wired(two_steps):
-    """The run's own schedulers, evaluated for K = 100, warm-up 10, student wait 20."""
+    """The run's own schedulers, evaluated for an MPL phase of K - N = 100 steps, warm-up 10, student wait 20."""
     g, _ = two_steps
     args = copy.copy(g["args"])
-    g["args"].total_steps, g["args"].warmup_steps, g["args"].student_wait_steps = 100, 10, 20
+    student, teacher = g["scheduler"].lr_lambdas[0], g["teacher_scheduler"].lr_lambdas[0]
+    scope = student.__globals__  # the run's own globals, which the schedules read at each call
+    mpl_steps, scope["mpl_steps"] = scope["mpl_steps"], 100
+    g["args"].warmup_steps, g["args"].student_wait_steps = 10, 20
     try:
-        student, teacher = g["scheduler"].lr_lambdas[0], g["teacher_scheduler"].lr_lambdas[0]
         assert [student(k) for k in (0, 19, 20, 29, 65, 100)] == pytest.approx([0, 0, 0.1, 1, 0.5, 0], abs=1e-12)
         assert [teacher(k) for k in (0, 9, 55, 100)] == pytest.approx([0.1, 1, 0.5, 0], abs=1e-12)
     finally:
+        scope["mpl_steps"] = mpl_steps
         vars(g["args"]).update(vars(args))
 
 
 def test_checkpoint_holds_the_teacher_and_the_method_state(two_steps):
     g, run_dir = two_steps
     ckpt = checkpoint(run_dir)
-    assert set(ckpt) >= {"teacher", "teacher_optimizer", "teacher_scheduler", "teacher_scaler", "finetune_optimizer", "mpl_baseline"}
+    assert set(ckpt) >= {
+        "teacher",
+        "teacher_optimizer",
+        "teacher_scheduler",
+        "teacher_scaler",
+        "finetune_optimizer",
+        "mpl_baseline",
+    }
     assert all(torch.equal(v, ckpt["teacher"][k]) for k, v in g["teacher"].state_dict().items())
     assert not torch.equal(ckpt["teacher"]["fc.weight"], ckpt["model"]["fc.weight"])
     assert torch.equal(ckpt["mpl_baseline"], g["mpl_baseline"]) and ckpt["mpl_baseline"].item() != 0
@@ -256,13 +288,27 @@ def test_checkpoint_holds_the_teacher_and_the_method_state(two_steps):
 
 
 def test_finetuning_starts_from_the_ema_student(two_steps, data_dir, tmp_path):
-    """The same two MPL steps, then one finetuning step: it starts from the EMA student's weights after
-    step 2 with a fresh SGD (nesterov, momentum 0.9, no weight decay: its first step moves a weight by
-    -lr (1 + 0.9) grad); the EMA then equals the student (the evaluated model); the teacher is idle."""
-    g, _ = two_steps
+    """--total-steps 3 --finetune-steps 1: the same two MPL steps, then one finetuning step. It starts from the
+    EMA student's weights after step 2 with a fresh SGD (nesterov, momentum 0.9, no weight decay: its first step
+    moves a weight by -lr (1 + 0.9) grad); the EMA keeps averaging the finetuned student (the evaluated model);
+    the teacher is idle; the EMA student of the MPL phase is evaluated at its end (eval/acc_mpl_phase)."""
+    g, mpl_dir = two_steps
     lr = 0.1
-    f = run_inprocess("mpl.py", *TINY, "--data-dir", data_dir, *RUN, "--finetune-steps", 1, "--finetune-lr", lr,
-                      "--run-dir", tmp_path)
+    f = run_inprocess(
+        "mpl.py",
+        *TINY,
+        "--data-dir",
+        data_dir,
+        *RUN,
+        "--total-steps",
+        3,
+        "--finetune-steps",
+        1,
+        "--finetune-lr",
+        lr,
+        "--run-dir",
+        tmp_path,
+    )
     ema_after_mpl = dict(g["ema_model"].named_parameters())
     student_after_mpl = dict(g["model"].named_parameters())
     for name, p in f["model"].named_parameters():  # undo the one finetuning step
@@ -270,13 +316,19 @@ def test_finetuning_starts_from_the_ema_student(two_steps, data_dir, tmp_path):
         assert torch.allclose(before, ema_after_mpl[name], rtol=1e-5, atol=1e-6), name
     assert not all(torch.equal(p, ema_after_mpl[k]) for k, p in f["model"].named_parameters())  # it did move
     assert not all(torch.equal(ema_after_mpl[k], p) for k, p in student_after_mpl.items())  # the EMA is not the student
-    assert all(torch.equal(v, f["ema_model"].state_dict()[k]) for k, v in f["model"].state_dict().items())
+    decay = min(0.995, (1 + 3) / (10 + 3))  # the template's EMA at step 3
+    for name, p in f["ema_model"].named_parameters():
+        expected = decay * ema_after_mpl[name] + (1 - decay) * f["model"].state_dict()[name]
+        assert torch.allclose(p, expected, rtol=1e-5, atol=1e-6), name
+    assert all(torch.equal(v, f["ema_model"].state_dict()[k]) for k, v in f["model"].named_buffers())
     assert all(torch.equal(v, g["teacher"].state_dict()[k]) for k, v in f["teacher"].state_dict().items())
     assert f["model"].fc_dropout == 0.0 and g["args"].dropout == 0  # (dropout is off in this run anyway)
     log = rows(tmp_path)
-    assert [r["step"] for r in log if "eval/acc" in r] == [2, 3]  # the MPL phase's end is evaluated
-    last = [r for r in log if "eval/acc" in r][-1]
-    assert last["eval/acc"] == last["eval/acc_raw"]
+    assert [r["step"] for r in log if "eval/acc" in r] == [3]
+    phase_end = [r for r in log if "eval/acc_mpl_phase" in r]  # the MPL phase's end is evaluated
+    mpl_run = [r for r in rows(mpl_dir) if "eval/acc" in r]  # the run of the two MPL steps alone
+    assert [r["step"] for r in phase_end] == [2] and phase_end[0]["eval/acc_mpl_phase"] == mpl_run[-1]["eval/acc"]
+    assert [r["step"] for r in log if "eval/acc_teacher" in r] == [2, 3]
     finetune_rows = [r for r in log if "losses/finetune" in r]
     assert [r["step"] for r in finetune_rows] == [3] and "losses/teacher" not in finetune_rows[0]
     assert finetune_rows[0]["losses/finetune"] == pytest.approx(f["loss"].item(), rel=1e-6)
@@ -284,40 +336,83 @@ def test_finetuning_starts_from_the_ema_student(two_steps, data_dir, tmp_path):
     assert f["loss"].item() == pytest.approx(expected.item(), rel=1e-6) and len(f["y_l"]) == 512
 
 
-@pytest.mark.parametrize("total, finetune", [(1, 5), (6, 1)], ids=["killed-while-finetuning", "killed-before-finetuning"])
-def test_kill_and_resume_with_finetuning(total, finetune, data_dir, tmp_path):
+@pytest.mark.parametrize(
+    "mpl_steps, finetune", [(1, 5), (6, 1)], ids=["killed-while-finetuning", "killed-before-finetuning"]
+)
+def test_kill_and_resume_with_finetuning(mpl_steps, finetune, data_dir, tmp_path):
     """The first checkpoint (step 5) falls inside the finetuning phase, or before it so that the resumed run
     crosses the switch: either way the same checkpoint and metrics as a run never stopped."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = [*TINY, "--data-dir", data_dir, "--total-steps", total, "--finetune-steps", finetune, "--finetune-batch-size", 16]
+    total = mpl_steps + finetune  # --total-steps is the whole run
+    args = [
+        *TINY,
+        "--data-dir",
+        data_dir,
+        "--total-steps",
+        total,
+        "--finetune-steps",
+        finetune,
+        "--finetune-batch-size",
+        16,
+    ]
     run("mpl.py", *args, "--run-dir", straight)
     step = run_killed("mpl.py", *args, "--run-dir", killed)
-    assert step == 5 and (step > total) == (total == 1)
+    assert step == 5 and (step > mpl_steps) == (mpl_steps == 1)
     run("mpl.py", "--resume", killed)
     a, b = (flat({k: v for k, v in checkpoint(d).items() if k != "args"}) for d in (straight, killed))
     assert a.keys() == b.keys()
     assert [k for k in a if not same(a[k], b[k])] == []
     assert rows(straight) == rows(killed)
     ckpt = checkpoint(straight)
-    assert ckpt["step"] == total + finetune
-    assert ckpt["teacher_scheduler"]["last_epoch"] == ckpt["scheduler"]["last_epoch"] == total  # both idle while finetuning
+    assert ckpt["step"] == total
+    assert (
+        ckpt["teacher_scheduler"]["last_epoch"] == ckpt["scheduler"]["last_epoch"] == mpl_steps
+    )  # idle while finetuning
     assert len(ckpt["finetune_optimizer"]["state"]) > 0
-    assert all(torch.equal(v, ckpt["ema_model"][k]) for k, v in ckpt["model"].items())
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--threshold", 1.5, "--threshold must be in [0, 1]"), ("--label-smoothing", -0.1, "--label-smoothing must be in [0, 1]"),
-    ("--baseline-decay", 1.01, "--baseline-decay must be in [0, 1]"), ("--dropout", 1, "--dropout must be in [0, 1)"),
-    ("--temperature", 0, "--temperature must be positive"), ("--uda-steps", -1, "--uda-steps must be non-negative"),
-    ("--student-wait-steps", -5, "--student-wait-steps must be non-negative"),
-    ("--finetune-steps", -1, "--finetune-steps must be non-negative"), ("--finetune-batch-size", 0, "--finetune-batch-size must be positive"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--threshold", 1.5, "argument --threshold: must be in [0, 1]"),
+        ("--label-smoothing", -0.1, "argument --label-smoothing: must be in [0, 1]"),
+        ("--baseline-decay", 1.01, "argument --baseline-decay: must be in [0, 1]"),
+        ("--dropout", 1, "argument --dropout: must be in [0, 1)"),
+        ("--temperature", 0, "argument --temperature: must be positive"),
+        ("--uda-steps", -1, "argument --uda-steps: must be >= 0"),
+        ("--student-wait-steps", -5, "argument --student-wait-steps: must be >= 0"),
+        ("--finetune-steps", -1, "argument --finetune-steps: must be >= 0"),
+        ("--finetune-batch-size", 0, "argument --finetune-batch-size: must be positive"),
+    ],
+)
 def test_bad_method_flags_are_one_line_and_exit_2(flag, value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mpl.parse_args(["--device", "cpu", flag, str(value)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err
-    mpl.parse_args(["--device", "cpu", "--threshold", "1", "--baseline-decay", "1", "--finetune-steps", "0"])  # the edges are valid
+    mpl.parse_args(
+        ["--device", "cpu", "--threshold", "1", "--baseline-decay", "1", "--finetune-steps", "0"]
+    )  # the edges are valid
+
+
+def test_finetuning_must_leave_an_mpl_phase(data_dir, tmp_path, capsys):
+    """--finetune-steps N is the last N steps of --total-steps K: N >= K is one line, exit 2, nothing written."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_inprocess(
+            "mpl.py",
+            *TINY,
+            "--data-dir",
+            data_dir,
+            "--total-steps",
+            3,
+            "--finetune-steps",
+            3,
+            "--run-dir",
+            tmp_path / "run",
+        )
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--finetune-steps 3 must be below --total-steps 3" in err and not (tmp_path / "run").exists()
 
 
 def test_start_up_note_when_the_uda_weight_comes_too_early(data_dir, tmp_path, capsys):

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from scriptrun import TINY, checkpoint, rows, run
 
 

@@ -3,7 +3,6 @@ rows never sampled, the buffer in the checkpoint, the consistency term's gradien
 
 import pytest
 import torch
-
 from scriptrun import TINY, checkpoint, rows, run
 
 
@@ -45,8 +44,20 @@ def test_buffer_in_checkpoint_and_consistency_trains(data_dir, tmp_path):
 def test_default_weight_is_the_papers_30(data_dir, tmp_path):
     """w_max 30 (the paper's, whose M/N scaling only undoes its CE averaged over mixed batches):
     after the ramp the logged weight is 30 and the total is sup + 30 * unsup."""
-    run("temporal_ensembling.py", *TINY, "--data-dir", data_dir, "--total-steps", 4, "--log-every", 1, "--ramp-up", 0,
-        "--run-dir", tmp_path / "r")
+    run(
+        "temporal_ensembling.py",
+        *TINY,
+        "--data-dir",
+        data_dir,
+        "--total-steps",
+        4,
+        "--log-every",
+        1,
+        "--ramp-up",
+        0,
+        "--run-dir",
+        tmp_path / "r",
+    )
     train = [r for r in rows(tmp_path / "r") if "losses/total" in r]
     assert [r["train/unsup_weight"] for r in train] == [30.0] * 4
     assert any(r["losses/unsup"] > 0 for r in train)

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from scriptrun import TINY, rows, run_inprocess
 
 T = 0.4  # the script's default --temperature
@@ -88,20 +87,24 @@ def test_consistency_trains_the_network(runs):
     assert not torch.equal(runs["probe"]["model"].conv1.weight, runs["on"]["model"].conv1.weight)
 
 
-@pytest.mark.parametrize("schedule, start, end", [
-    ("linear", 0.1, 1.0),
-    ("log", 0.1, 1 - math.exp(-5) * 0.9),
-    ("exp", math.exp(-5) * 0.9 + 0.1, 1.0),
-    ("none", 1.0, 1.0),
-])
+@pytest.mark.parametrize(
+    "schedule, start, end",
+    [
+        ("linear", 0.1, 1.0),
+        ("log", 0.1, 1 - math.exp(-5) * 0.9),
+        ("exp", math.exp(-5) * 0.9 + 0.1, 1.0),
+        ("none", 1.0, 1.0),
+    ],
+)
 def test_tsa_threshold_endpoints(schedule, start, end):
     import uda
 
     assert uda.tsa_threshold(schedule, 0, 1000, 10) == pytest.approx(start, abs=1e-12)
     assert uda.tsa_threshold(schedule, 1000, 1000, 10) == pytest.approx(end, abs=1e-12)
     assert uda.tsa_threshold(schedule, 5000, 1000, 10) == pytest.approx(end, abs=1e-12)  # stays there
-    assert uda.tsa_threshold(schedule, 0, 1000, 100) == pytest.approx(0.01 if schedule in ("linear", "log") else start
-                                                                     if schedule == "none" else math.exp(-5) * 0.99 + 0.01)
+    assert uda.tsa_threshold(schedule, 0, 1000, 100) == pytest.approx(
+        0.01 if schedule in ("linear", "log") else start if schedule == "none" else math.exp(-5) * 0.99 + 0.01
+    )
 
 
 def test_tsa_schedule_midpoints():
@@ -129,8 +132,20 @@ def test_tsa_leaves_out_confident_examples(runs, data_dir, tmp_path):
     eta_1 = uda.tsa_threshold("exp", 1, K, 10)
     kept = (p_true <= eta_1).float()
     assert 0 < kept.sum() < len(kept)
-    run_inprocess("uda.py", *TINY, "--data-dir", data_dir, "--total-steps", K, "--log-every", 1, "--tsa", "exp",
-                  "--run-dir", tmp_path)
+    run_inprocess(
+        "uda.py",
+        *TINY,
+        "--data-dir",
+        data_dir,
+        "--total-steps",
+        K,
+        "--log-every",
+        1,
+        "--tsa",
+        "exp",
+        "--run-dir",
+        tmp_path,
+    )
     first = rows(tmp_path)[0]
     assert first["step"] == 1
     assert first["train/tsa_threshold"] == pytest.approx(eta_1, rel=1e-6)
@@ -145,8 +160,20 @@ def test_tsa_linear_end_to_end(runs, data_dir, tmp_path):
     each step, and the run evaluates and saves as any other."""
     p_true, ce = probe_supervised(runs)
     assert p_true.max() < 0.55
-    g = run_inprocess("uda.py", *TINY, "--data-dir", data_dir, "--total-steps", 2, "--log-every", 1, "--tsa", "linear",
-                      "--run-dir", tmp_path)
+    g = run_inprocess(
+        "uda.py",
+        *TINY,
+        "--data-dir",
+        data_dir,
+        "--total-steps",
+        2,
+        "--log-every",
+        1,
+        "--tsa",
+        "linear",
+        "--run-dir",
+        tmp_path,
+    )
     log = rows(tmp_path)
     train = [r for r in log if "losses/sup" in r]
     assert [(r["step"], r["train/tsa_threshold"]) for r in train] == [(1, pytest.approx(0.55)), (2, pytest.approx(1.0))]

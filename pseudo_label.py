@@ -1,0 +1,434 @@
+"""Pseudo-Label (Lee, "Pseudo-Label: The Simple and Efficient Semi-Supervised Learning Method for Deep Neural
+Networks", ICML 2013 Workshop on Challenges in Representation Learning): the model's own confident hard
+predictions on unlabeled images are their labels, in the classic CV protocol of TorchSSL and USB.
+
+With a labeled batch {(x_b, y_b)} of size B, an unlabeled batch {u_b} of size mu B, the weak augmentation
+alpha(.) (flip and crop), q_b = p_m(y | alpha(u_b)) and y'_b = argmax(q_b) its hard label, a constant:
+    L = 1/B sum_b CE(y_b, p_m(y | alpha(x_b)))
+      + alpha(t) 1/(mu B) sum_b 1(max(q_b) >= tau) CE(y'_b, p_m(y | alpha(u_b)))     the paper's overall loss
+    alpha(t) = lambda_u min(1, t / (r K))                              the weight, a linear ramp from 0 to lambda_u
+The pseudo label and the prediction it trains come from the same forward of the same weak view: the loss pushes
+the prediction towards its own argmax (entropy minimisation, the paper's section 3). The unlabeled term
+averages over all mu B images, kept or not.
+
+Recipe (TorchSSL and USB): tau 0.95, lambda_u 1, the ramp over r = 40 % of the K steps, mu 1; the rest is
+supervised.py's.
+
+Differs from the paper (pretraining with a denoising autoencoder, dropout, no threshold, alpha(t) from 0 to 3
+between epochs 100 and 600, on MNIST): the references' protocol above. Differs from TorchSSL and USB: one forward
+of the concatenated [alpha(x), alpha(u)] batch, so BatchNorm normalises both together; they forward alpha(u)
+separately with the running statistics frozen.
+
+Every choice and its reasons: docs/pseudo_label.md.
+
+Usage:
+    python pseudo_label.py --dataset cifar10 --num-labels 4000
+    python pseudo_label.py --resume runs/<run dir>            # continue exactly where it stopped
+"""
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+
+METHOD = Path(__file__).stem
+
+
+# TRY NOT TO MODIFY: the arguments (generic, then the method's), resume, checks
+def fail(message):
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"{METHOD}.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def checked(kind, ok, rule):
+    """An argparse type: kind(text) if ok(value), else one line saying the rule."""
+
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid float value"
+    return parse
+
+
+positive = checked(int, lambda v: v > 0, "positive")
+nonnegative = checked(float, lambda v: 0 <= v < math.inf, ">= 0")
+unit = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+open_unit = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+wrn_depth = checked(int, lambda v: v >= 10 and v % 6 == 4, "6n+4 (10, 16, 22, 28, ...)")
+
+
+def parse_args(argv=None):
+    title = __doc__.split("\n\n")[0]
+    p = argparse.ArgumentParser(description=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = fail  # one line, without argparse's usage block
+    p.add_argument("--dataset", default="cifar10", choices=[*common.DATASETS, common.FOLDER], help="folder: README")
+    p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True, help="svhn: extra is unlabeled")
+    p.add_argument("--num-labels", type=positive, default=4000, help="labeled examples, class-balanced")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
+    p.add_argument("--total-steps", type=positive, default=2**20, help="optimizer steps K")
+    p.add_argument("--eval-every", type=positive, default=5000, help="evaluate every this many steps")
+    p.add_argument("--log-every", type=positive, default=100, help="log a row every this many steps (and at a save)")
+    p.add_argument("--save-every", type=positive, default=5000, help="checkpoint every this many steps and at the end")
+    p.add_argument("--batch-size", type=positive, default=64, help="labeled batch size B")
+    p.add_argument("--mu", type=positive, default=7, help="unlabeled batch = mu * B (scripts without one ignore it)")
+    p.add_argument("--lr", type=checked(float, lambda v: 0 < v < math.inf, "positive"), default=0.03, help="peak lr")
+    p.add_argument("--weight-decay", type=nonnegative, default=None, help="default 5e-4, 1e-3 on cifar100")
+    p.add_argument("--momentum", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="nesterov")
+    p.add_argument("--ema-decay", type=unit, default=0.999, help="decay of the evaluated EMA model")
+    p.add_argument("--depth", type=wrn_depth, default=28, help="WideResNet depth")
+    p.add_argument("--width", type=positive, default=None, help="WideResNet width, default 2, 8 on cifar100")
+    p.add_argument("--bn-momentum", type=open_unit, default=0.001, help="BatchNorm momentum (short runs need ~0.1)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default bf16 on cuda, none on cpu")
+    p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
+    p.add_argument("--run-dir", default=None, help="default runs/<dataset>_<method>_<labels>_<seed>_<time>")
+    p.add_argument("--resume", default=None, help="a run dir to continue exactly, with its args.json")
+    p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate its checkpoint, write nothing")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
+    # ALGO LOGIC: algorithm specific
+    p.add_argument("--threshold", type=unit, default=0.95, help="tau: the confidence that keeps a pseudo label")
+    p.add_argument("--unsup-weight", type=nonnegative, default=1.0, help="lambda_u, the weight after the ramp")
+    p.add_argument("--ramp-up", type=unit, default=0.4, help="r: the weight ramps up linearly over r * total steps")
+    p.set_defaults(mu=1)  # TorchSSL's and USB's uratio for Pseudo-Label
+    # TRY NOT TO MODIFY: on --resume the saved arguments are the defaults (flags given now override them)
+    args, saved = p.parse_args(argv), {}
+    if args.resume:
+        run_dir = Path(args.resume).parent if Path(args.resume).is_file() else Path(args.resume)
+        try:
+            saved = json.loads((run_dir / "args.json").read_text())
+        except FileNotFoundError:
+            fail(f"--resume {args.resume}: no args.json there, so it is not a run dir")
+        except ValueError:
+            fail(f"--resume {args.resume}: its args.json is not valid JSON")
+        if saved.get("script", METHOD) != METHOD:
+            fail(f"--resume {run_dir}: that run was made by {saved['script']}.py, not {METHOD}.py: resume it with that")
+        p.set_defaults(**saved)
+        args = p.parse_args(argv)
+        args.run_dir = args.resume = str(run_dir)
+    args.script = METHOD
+    if args.weight_decay is None:
+        args.weight_decay = 1e-3 if args.dataset == "cifar100" else 5e-4
+    args.width = args.width or (8 if args.dataset == "cifar100" else 2)
+    args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{stamp}"
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device} is not a device: use cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda, but CUDA is not available here: use --device cpu")
+    if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: SyncBatchNorm has no CPU kernel
+        fail("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only): drop --sync-bn")
+    if args.eval_only and not args.resume:
+        fail("--eval-only needs --resume RUN_DIR: the run whose checkpoint to evaluate")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        fail("--tensorboard: tensorboard is not installed (pip install tensorboard)")
+    now = vars(args)
+    changed = [k for k in ("dataset", "num_labels", "seed", "depth", "width") if saved.get(k, now[k]) != now[k]]
+    if changed:  # the same run dir on other data, another split or another network would mix two runs
+        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in changed)
+        fail(f"--resume {args.resume}: that run was made with {was}: start a new run for these")
+    return args
+
+
+# TRY NOT TO MODIFY: EMA, evaluation, run dir and checkpoints
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * model for the parameters; the BatchNorm statistics copied."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+    torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
+
+
+@torch.no_grad()
+def evaluate(ema_model, model, x_test, y_test, info, autocast, batch_size=1024):
+    """Top-1 accuracy (%) and mean cross-entropy of the EMA model, and the raw model's accuracy, in eval mode."""
+    sums = torch.zeros(3, device=x_test.device)  # correct (EMA), cross-entropy (EMA), correct (raw)
+    for m in (ema_model, model):
+        m.eval()
+    for i in range(0, len(x_test), batch_size):
+        x, y = common.normalize(x_test[i : i + batch_size], info), y_test[i : i + batch_size]
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits, logits_raw = (m(x).float() for m in (ema_model, model))
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        sums += torch.stack([(logits.argmax(1) == y).sum(), loss, (logits_raw.argmax(1) == y).sum()])
+    model.train()
+    acc, loss, acc_raw = (sums / len(x_test)).tolist()
+    return 100 * acc, loss, 100 * acc_raw
+
+
+def check_run_dir(run_dir, resume):
+    """Before the data loads: the run dir can be written, and a new run does not overwrite an old one."""
+    folder = next(d for d in (run_dir, *run_dir.parents) if d.exists())
+    if not folder.is_dir():
+        fail(f"--run-dir {run_dir}: {folder} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        fail(f"--run-dir {run_dir}: cannot write in {folder} ({e.strerror})")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
+
+
+def load_checkpoint(run_dir, args, world):
+    """The checkpoint to resume from, or one line saying why there is none (exit 2; 0 for a finished run)."""
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():  # the run stopped before its first save
+        fail(f"--resume {run_dir}: no checkpoint.pt there, so nothing to resume: delete it and start again")
+    try:
+        with warnings.catch_warnings():  # torch warns about some foreign files before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    except Exception as e:
+        fail(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}): damaged or not a checkpoint")
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        fail(f"--resume {run_dir}: checkpoint.pt is not a checkpoint of these scripts")
+    if ckpt.get("script", METHOD) != METHOD:
+        fail(f"--resume {run_dir}: its checkpoint was written by {ckpt['script']}.py, not {METHOD}.py")
+    if not args.eval_only and len(ckpt["rng_cpu"]) != world:  # DISTRIBUTED: the RNG state of each rank
+        fail(f"--resume {run_dir}: its checkpoint was written by {len(ckpt['rng_cpu'])} process(es): use as many")
+    if not args.eval_only and ckpt["step"] > args.total_steps:
+        fail(f"--resume {run_dir}: --total-steps {args.total_steps} is below the checkpoint's step {ckpt['step']}")
+    if not args.eval_only and ckpt["step"] == args.total_steps:
+        print(f"{run_dir}: already finished at step {ckpt['step']}; a larger --total-steps continues it")
+        sys.exit(0)
+    return ckpt
+
+
+def save_checkpoint(obj, path):
+    """Atomic: a kill at any moment leaves the previous file whole; a failed write (a full disk) leaves no temp file
+    and ends the run with one line."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            fail(f"cannot write {path} ({' '.join(str(e).split())[:100]}): the previous one is kept; free space")
+        raise
+
+
+def inference_model(ema_model, args, info, step):
+    """model.pt: the evaluated weights and what rebuilds the plain WideResNet (README: Evaluate and load a model)."""
+    arch = dict(num_classes=ema_model.fc.out_features, depth=args.depth, width=args.width, in_channels=info.channels)
+    with torch.device("meta"):
+        keys = common.WideResNet(**arch).state_dict().keys()  # the heads only a method uses are left out
+    weights = {k: v.cpu().contiguous() for k, v in ema_model.state_dict().items() if k in keys}
+    out = dict(arch=arch, weights=weights, size=info.size, mean=info.mean, std=info.std, classes=list(info.classes))
+    return {**out, "script": METHOD, "step": step}
+
+
+def check_finite(step, values, run_dir):
+    """Divergence: stop before a non-finite value is logged or saved; one line, exit code 3."""
+    for k, v in values.items():
+        if not math.isfinite(v):
+            why = f"diverged by step {step}: {k} is {v}; nothing of it was saved, {run_dir} keeps the last checkpoint"
+            print(f"{METHOD}.py: error: {why} (a new run with a lower --lr may not diverge)", file=sys.stderr)
+            sys.exit(3)
+
+
+if __name__ == "__main__":
+    t_start, args = time.perf_counter(), parse_args()
+    # DISTRIBUTED: under torchrun one process per device (NCCL on CUDA, gloo on CPU); a plain run is rank 0 of 1
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.broadcast_object_list(shared := [args.run_dir])  # the default run dir holds the time: rank 0's
+        args.run_dir = shared[0]
+        sys.stdout = sys.stdout if rank == 0 else open(os.devnull, "w")  # rank 0 alone prints
+    run_dir = Path(args.run_dir)
+    if not args.eval_only:
+        check_run_dir(run_dir, args.resume)
+    ckpt = load_checkpoint(run_dir, args, world) if args.resume else None
+
+    def interrupted(signum, frame):  # Ctrl-C, SIGTERM: one line on how to go on (the checkpoint on disk is whole)
+        how = "no checkpoint yet, nothing to resume"
+        if (run_dir / "checkpoint.pt").is_file():
+            how = f"continue with: python {METHOD}.py --resume {run_dir}"
+        print(f"{METHOD}.py: interrupted at step {globals().get('step', 0)}; {how}", file=sys.stderr)
+        sys.exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+
+    # TRY NOT TO MODIFY: seeding, data
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device, args.svhn_extra)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    info = data.info
+    sizes = [len(data.x_unlabeled), len(data.x_test), info.num_classes]  # the data a resume must find again
+    if ckpt is not None and ckpt.get("data", sizes) != sizes:
+        fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, now {sizes})")
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none")
+    prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
+
+    # ALGO LOGIC: the network
+    model = common.WideResNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum)
+    # TRY NOT TO MODIFY: EMA, optimizer (no weight decay on BatchNorm and biases), schedule; what a checkpoint holds
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.sync_bn else model  # DISTRIBUTED
+    model = model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # the evaluated model
+    train_model = torch.compile(model) if args.compile else model
+    train_model = torch.nn.parallel.DistributedDataParallel(train_model) if world > 1 else train_model  # DISTRIBUTED
+    decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, fused=device.type == "cuda")
+    cosine = lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    state = dict(model=model, ema_model=ema_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+    # TRY NOT TO MODIFY: resume, run dir, logging
+    torch.manual_seed(args.seed + rank)  # DISTRIBUTED: the same weights on every rank above, each its own batches below
+    start_step, best_acc, running = 0, 0.0, {}
+    if ckpt is not None:
+        try:  # modules, optimizers, schedulers and scalers load their state dict; the method's tensors are copied
+            for k, v in state.items():
+                v.load_state_dict(ckpt[k]) if hasattr(v, "load_state_dict") else v.copy_(ckpt[k])
+            start_step, best_acc = ckpt["step"], ckpt["best_acc"]
+            torch.set_rng_state(ckpt["rng_cpu"][rank])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
+        except (KeyError, ValueError, RuntimeError) as e:  # another method's or network's state
+            fail(f"--resume {run_dir}: its checkpoint does not fit this run ({' '.join(str(e).split())[:120]})")
+    if args.eval_only:  # the checkpoint's models on the test set: one line, nothing written
+        acc, loss_eval, acc_raw = evaluate(ema_model, model, data.x_test, data.y_test, info, autocast)
+        text = f"eval acc {acc:.2f} (raw model {acc_raw:.2f}) | loss {loss_eval:.4f}"
+        print(f"{METHOD} | {run_dir} | step {start_step} | {text}")
+        sys.exit(0)
+    metrics, writer = run_dir / "metrics.jsonl", None
+    if rank == 0:  # DISTRIBUTED: rank 0 alone writes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+        (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
+        lines = metrics.read_text().splitlines() if metrics.exists() else []  # rows logged after the checkpoint go,
+        metrics.write_text("".join(f"{r}\n" for r in lines if r.endswith("}") and json.loads(r)["step"] <= start_step))
+        if args.tensorboard:  # and so does a row a kill cut short (it does not end in "}")
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(run_dir, purge_step=start_step + 1)
+
+    def log(row):
+        """A row of metrics.jsonl (and TensorBoard), by rank 0 alone; JSON has no NaN or inf: those are written null."""
+        row = {k: v if math.isfinite(v) else None for k, v in row.items()}
+        try:
+            with open(metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            fail(f"cannot write {metrics} ({e.strerror}): free space and --resume")
+        for k, v in row.items():
+            if writer and k != "step" and v is not None:
+                writer.add_scalar(k, v, row["step"])
+
+    params = sum(p.numel() for p in model.parameters())
+    wrn = f"WRN-{args.depth}-{args.width} {params:,} params"
+    print(f"{METHOD} | {args.dataset} {args.num_labels} labels | {wrn} | {device} amp={args.amp} | {run_dir}")
+    model.train()
+    t_last, step_last = time.perf_counter(), start_step
+    for step in range(start_step + 1, args.total_steps + 1):
+        # ALGO LOGIC: one forward of [labeled weak, unlabeled weak]; the weak view labels itself
+        _, x_l, y_l = common.sample_batch(args.batch_size, data.x_labeled, data.y_labeled)
+        _, x_u, y_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled, data.y_unlabeled)
+        x = common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip)  # [alpha(x), alpha(u)]
+        with autocast:
+            logits = train_model(prep(x)).float()
+        logits_l, logits_w = logits.split([len(x_l), len(x_u)])
+        loss_x = F.cross_entropy(logits_l, y_l)  # the labeled term
+        max_probs, pseudo_label = logits_w.detach().softmax(1).max(1)  # max(q_b), y'_b: constants
+        mask = (max_probs >= args.threshold).float()
+        loss_u = (F.cross_entropy(logits_w, pseudo_label, reduction="none") * mask).mean()  # over all mu B
+        ramp = min(1.0, (step - 1) / (args.ramp_up * args.total_steps)) if args.ramp_up > 0 else 1.0
+        loss = loss_x + args.unsup_weight * ramp * loss_u  # the overall loss, alpha(t) = lambda_u ramp
+        known = mask * (y_u >= 0)  # masked samples whose label is known (for logging only)
+        pseudo_acc = (known * (pseudo_label == y_u)).sum() / known.sum().clamp(min=1)
+        stats = {"losses/total": loss, "losses/sup": loss_x, "losses/unsup": loss_u}
+        stats.update({"train/mask_ratio": mask.mean(), "train/pseudo_acc": pseudo_acc})
+        stats["train/unsup_weight"] = torch.full_like(loss, args.unsup_weight * ramp)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        # TRY NOT TO MODIFY: EMA, metric sums on the device (no host sync)
+        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
+        running = {k: running.get(k, 0) + v.detach().float() for k, v in {**stats, "n": loss.new_ones(())}.items()}
+
+        # TRY NOT TO MODIFY: log (at every save too: a checkpoint holds no metric sums), evaluate, checkpoint
+        save = step % args.save_every == 0 or step == args.total_steps
+        if step % args.log_every == 0 or save:
+            sums = torch.stack(list(running.values()))
+            if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
+                dist.all_reduce(sums)
+            sums = dict(zip(running, sums.tolist(), strict=True))  # the one host sync per log row
+            means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+            weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
+            check_finite(step, {**means, "the sum of the weights": weights}, run_dir)
+            its, lr, running = (step - step_last) / (time.perf_counter() - t_last), scheduler.get_last_lr()[0], {}
+            if rank == 0:  # DISTRIBUTED
+                log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
+            text = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
+            eta = time.strftime("%H:%M:%S", time.gmtime((args.total_steps - step) / its))
+            print(f"step {step:>7}/{args.total_steps} | {text} | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
+        if (step % args.eval_every == 0 or step == args.total_steps) and rank == 0:  # DISTRIBUTED: rank 0 alone
+            acc, loss_eval, acc_raw = evaluate(ema_model, model, data.x_test, data.y_test, info, autocast)
+            best_acc = max(best_acc, acc)
+            row = {"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw}
+            log({**row, "eval/best_acc": best_acc})
+            text = f"eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f})"
+            print(f"step {step:>7} | {text} | loss {loss_eval:.4f}", flush=True)
+        if save:
+            rng = [(torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)]
+            if world > 1:  # DISTRIBUTED: every rank's RNG states, for an exact resume
+                dist.all_gather_object(gathered := [None] * world, rng[0])
+                rng = gathered
+            if rank == 0:
+                ckpt = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
+                ckpt.update(step=step, args=vars(args), best_acc=best_acc, script=METHOD, data=sizes)
+                ckpt.update(rng_cpu=[r[0] for r in rng], rng_cuda=[r[1] for r in rng])
+                save_checkpoint(ckpt, run_dir / "checkpoint.pt")
+                save_checkpoint(inference_model(ema_model, args, info, step), run_dir / "model.pt")
+        if step % args.log_every == 0 or step % args.eval_every == 0 or save:
+            t_last, step_last = time.perf_counter(), step  # it/s leaves out evaluation and saving
+    if writer:
+        writer.close()
+    if rank == 0:
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.perf_counter() - t_start))
+        print(f"done: step {step} | eval acc {acc:.2f} (best {best_acc:.2f}) | {elapsed} | {run_dir}", flush=True)
+    if world > 1:  # DISTRIBUTED: every rank done (rank 0 may still be saving) before the group goes
+        dist.barrier()
+        dist.destroy_process_group()

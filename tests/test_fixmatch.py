@@ -1,0 +1,70 @@
+"""fixmatch.py: the hard label of the weak view trains the strong view where the weak view is confident; the
+unlabeled term averages over all mu B images; the label carries no gradient.
+
+The first step of two runs with the same seed and data sees the same batches, augmentations and weights, so its
+logits are the same whatever the threshold: a probe run gives them, and the threshold of the second run is set
+between two of its middle confidences, so that part of the batch passes and a wrong mask shows."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scriptrun import TINY, rows, run_inprocess
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 1]
+    probe = run_inprocess("fixmatch.py", *args, "--run-dir", tmp_path_factory.mktemp("probe"))
+    confidence = probe["logits_w"].detach().softmax(1).max(1).values.sort().values
+    mid = len(confidence) // 2
+    threshold = (confidence[mid - 1] + confidence[mid]).item() / 2
+    on_dir = tmp_path_factory.mktemp("on")
+    on = run_inprocess("fixmatch.py", *args, "--threshold", threshold, "--run-dir", on_dir)
+    return {"probe": probe, "on": on, "threshold": threshold, "on_dir": on_dir}
+
+
+def test_same_first_step(runs):
+    assert torch.equal(runs["probe"]["logits"], runs["on"]["logits"])
+
+
+def test_unsup_loss_by_hand(runs):
+    """1/(mu B) sum 1(max q >= tau) CE(argmax q, p(y | A(u))), q from the weak view (Eq. 4)."""
+    g = runs["on"]
+    weak, strong = g["logits_w"].detach(), g["logits_s"].detach()
+    assert len(weak) == 7 * 8  # mu B at the default mu 7
+    q = weak.softmax(1)
+    mask = (q.max(1).values >= runs["threshold"]).float()
+    assert 0 < mask.sum() < len(mask)  # part of the batch passes: a wrong mask would show
+    per_sample = -strong.log_softmax(1).gather(1, q.argmax(1, keepdim=True)).squeeze(1)
+    expected = (per_sample * mask).sum() / len(weak)
+    assert g["loss_u"].item() == pytest.approx(expected.item(), rel=1e-5)
+    wrong = {
+        "mean over the kept images": (per_sample * mask).sum() / mask.sum(),
+        "the weak view trained (Pseudo-Label)": (F.cross_entropy(weak, q.argmax(1), reduction="none") * mask).mean(),
+        "soft targets": (-(q * strong.log_softmax(1)).sum(1) * mask).mean(),
+    }
+    for name, value in wrong.items():
+        assert g["loss_u"].item() != pytest.approx(value.item(), rel=1e-3), name
+    assert g["loss_x"].item() == pytest.approx(F.cross_entropy(g["logits_l"].detach(), g["y_l"]).item(), rel=1e-5)
+    assert g["loss"].item() == pytest.approx((g["loss_x"] + g["loss_u"]).item(), rel=1e-6)  # lambda_u 1
+
+
+def test_logged_mask_and_pseudo_label_accuracy(runs):
+    g = runs["on"]
+    q = g["logits_w"].detach().softmax(1)
+    mask = (q.max(1).values >= runs["threshold"]).float()
+    row = rows(runs["on_dir"])[0]
+    assert row["train/mask_ratio"] == pytest.approx(mask.mean().item(), rel=1e-6)
+    correct = (q.argmax(1) == g["y_u"]).float()  # fake Fashion-MNIST: every unlabeled image has its label
+    assert row["train/pseudo_acc"] == pytest.approx(((correct * mask).sum() / mask.sum()).item(), rel=1e-6)
+
+
+def test_the_label_is_a_constant_and_the_strong_view_gets_the_gradient(runs):
+    """The unlabeled term's gradient reaches the strong view's logits only (through the network, not the label)."""
+    g = runs["on"]
+    logits_w, logits_s = (g[k].detach().requires_grad_(True) for k in ("logits_w", "logits_s"))
+    label = logits_w.detach().softmax(1).argmax(1)
+    mask = (logits_w.detach().softmax(1).max(1).values >= runs["threshold"]).float()
+    (F.cross_entropy(logits_s, label, reduction="none") * mask).mean().backward()
+    assert logits_w.grad is None and logits_s.grad.abs().sum() > 0
+    assert not g["max_probs"].requires_grad and not g["pseudo_label"].requires_grad
