@@ -147,8 +147,8 @@ def read_metrics(run_dir):
 
 
 def final_step(saved_args):
-    """The last step of a run from its args.json (mpl.py's optional finetuning comes after its total steps)."""
-    return saved_args["total_steps"] + saved_args.get("finetune_steps", 0)
+    """The last step of a run from its args.json (mpl.py's finetuning steps are the last of its total steps)."""
+    return saved_args["total_steps"]
 
 
 def is_complete(run_dir):
@@ -170,7 +170,7 @@ def _same(saved, value):
 def check_same_args(run_dir, args):
     """Stop if an existing run dir was made with other arguments than this harness would pass now."""
     saved = json.loads((Path(run_dir) / "args.json").read_text())
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in dict(zip(args[::2], args[1::2])).items():  # a row's own flags come last and win
         key = flag[2:].replace("-", "_")
         if (
             key in saved
