@@ -429,8 +429,20 @@ def _op_matrix(op, magnitude, h, w):
 def _colour_op(x, op, magnitude):
     """One RandAugment slot's colour op per image (op codes and magnitudes (N,)); images whose op
     is geometric or identity pass through unchanged."""
-    # The four ImageEnhance ops are one blend with different degenerate images; blending with
-    # degenerate = x (all other ops) returns x exactly.
+    if x.device.type != "cpu":
+        return _colour_op_no_sync(x, op, magnitude)
+    out = x.clone()  # on the CPU, reading the codes costs no sync: each image computes only the op it drew
+    for name, apply in _COLOUR_OPS.items():
+        rows = (op == _OP[name]).nonzero().squeeze(1)
+        if len(rows):
+            out[rows] = apply(x[rows], magnitude[rows])
+    return out
+
+
+def _colour_op_no_sync(x, op, magnitude):
+    """_colour_op without a host sync (for GPUs): every op on every image, then a per-image pick."""
+    # The four ImageEnhance ops are one blend with different degenerate images; blending with degenerate = x
+    # (all other ops) returns x exactly.
     degenerate = _pick(
         op,
         x,
@@ -524,6 +536,18 @@ def _autocontrast(x):
 def _equalize(x):
     """ImageOps.equalize(img) per image and channel (torchvision's batched port of PIL's LUT)."""
     return TF.equalize(x)
+
+
+_COLOUR_OPS = {  # name -> op(x, magnitudes) per image, as PIL's: the CPU path computes each on its images only
+    "brightness": lambda x, m: _blend(x, torch.zeros_like(x), m),  # ImageEnhance.Brightness
+    "color": lambda x, m: _blend(x, _grey(x), m),  # ImageEnhance.Color (the identity on 1-channel images)
+    "contrast": lambda x, m: _blend(x, _grey_mean(x), m),  # ImageEnhance.Contrast
+    "sharpness": lambda x, m: _blend(x, _smooth(x), m),  # ImageEnhance.Sharpness
+    "autocontrast": lambda x, m: _autocontrast(x),
+    "equalize": lambda x, m: _equalize(x),
+    "posterize": _posterize,
+    "solarize": _solarize,
+}
 
 
 # --- geometric ops --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from common import (
     _affine,
     _autocontrast,
     _colour_op,
+    _colour_op_no_sync,
     _equalize,
     _posterize,
     _rand_augment,
@@ -223,6 +224,19 @@ def test_rand_augment_dispatches_every_op():
     for name, code in _OP.items():
         i = ops == code
         assert torch.equal(out[i], single[name](x[i], mags[i])), name
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_the_cpu_path_of_a_colour_slot_equals_the_no_sync_path(channels):
+    """On the CPU each image computes only the op it drew; on a GPU every op runs on every image and each image
+    picks its own (no host sync). The two give the same bytes, for every op, identity and geometric included."""
+    x = _images(channels).repeat(20, 1, 1, 1)
+    g = torch.Generator().manual_seed(1)
+    op = torch.randint(len(_RA_OPS), (len(x),), generator=g)
+    low, high = torch.tensor(list(_RA_OPS.values())).float()[op].unbind(-1)
+    magnitude = low + (high - low) * torch.rand(len(x), generator=g)
+    assert set(op.tolist()) == set(range(len(_RA_OPS)))
+    assert torch.equal(_colour_op(x, op, magnitude), _colour_op_no_sync(x, op, magnitude))
 
 
 def test_op_table_is_torchssl_fixmatch():
