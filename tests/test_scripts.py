@@ -61,8 +61,13 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("case", list(BAD))
+# supervised.py meets every case. The argument checks and the data loading are template lines, the same in every
+# script (tests/test_template.py), so each method script meets two: a bad value among its own flags' parser, and
+# missing data (after which nothing of the run may exist).
+BAD_RUNS = [("supervised.py", case) for case in BAD] + [(s, c) for s in SCRIPTS[1:] for c in ("not a float", "no data")]
+
+
+@pytest.mark.parametrize("script, case", BAD_RUNS)
 def test_bad_input_is_one_line_and_exit_2(script, case, data_dir, tmp_path):
     extra, message = BAD[case]
     extra = [a.format(tmp=tmp_path) for a in extra]
