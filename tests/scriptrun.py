@@ -14,28 +14,10 @@ from unittest import mock
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = [
-    "--dataset",
-    "fashion_mnist",
-    "--num-labels",
-    "20",
-    "--depth",
-    "10",
-    "--width",
-    "1",
-    "--batch-size",
-    "8",
-    "--bn-momentum",
-    "0.1",
-    "--device",
-    "cpu",
-    "--log-every",
-    "4",
-    "--eval-every",
-    "6",
-    "--save-every",
-    "5",
-]
+TINY = (  # a tiny network on fake Fashion-MNIST, on the CPU
+    "--dataset fashion_mnist --num-labels 20 --depth 10 --width 1 --batch-size 8 --bn-momentum 0.1 "
+    "--device cpu --log-every 4 --eval-every 6 --save-every 5"
+).split()
 OFFLINE = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # downloads fail fast
 
 
