@@ -5,7 +5,7 @@ through the prediction only), the unlabeled term averages over all mu B images, 
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, rows, run_inprocess
+from scriptrun import TINY, middle_threshold, rows, run_inprocess
 
 K = 20  # steps of the ramp run
 
@@ -14,9 +14,7 @@ K = 20  # steps of the ramp run
 def runs(data_dir, tmp_path_factory):
     args = [*TINY, "--data-dir", data_dir]
     probe = run_inprocess("pseudo_label.py", *args, "--total-steps", 1, "--run-dir", tmp_path_factory.mktemp("p"))
-    confidence = probe["logits_w"].detach().softmax(1).max(1).values.sort().values
-    mid = len(confidence) // 2
-    threshold = (confidence[mid - 1] + confidence[mid]).item() / 2
+    threshold = middle_threshold(probe["logits_w"])
     on_dir = tmp_path_factory.mktemp("on")
     on = run_inprocess(
         "pseudo_label.py", *args, "--total-steps", 1, "--threshold", threshold, "--ramp-up", 0, "--run-dir", on_dir

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, rows, run_inprocess
+from scriptrun import TINY, middle_threshold, rows, run_inprocess
 
 T = 0.4  # the script's default --temperature
 
@@ -23,9 +23,7 @@ def runs(data_dir, tmp_path_factory):
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 1]
     probe_dir = tmp_path_factory.mktemp("probe")
     probe = run_inprocess("uda.py", *args, "--unsup-weight", 0, "--run-dir", probe_dir)
-    confidence = probe["logits_weak"].detach().softmax(1).max(1).values.sort().values
-    mid = len(confidence) // 2
-    threshold = (confidence[mid - 1] + confidence[mid]).item() / 2
+    threshold = middle_threshold(probe["logits_weak"])
     on_dir = tmp_path_factory.mktemp("on")
     on = run_inprocess("uda.py", *args, "--unsup-weight", 1, "--threshold", threshold, "--run-dir", on_dir)
     return {"probe": probe, "on": on, "threshold": threshold, "probe_dir": probe_dir, "on_dir": on_dir}
