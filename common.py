@@ -396,10 +396,27 @@ def strong_augment(x, flip=True, pad=None, num_ops=3, cutout=0.5):
     are truncated to uint8. x: uint8 (N, C, H, W), C = 1 or 3; returns the same shape, dtype and
     device."""
     x = weak_augment(x, flip, pad)
-    ops = torch.randint(len(_RA_OPS), (num_ops, x.shape[0]), device=x.device)
+    n = x.shape[0]
+    ops = torch.randint(len(_RA_OPS), (num_ops, n), device=x.device)
     low, high = _constant(tuple(_RA_OPS.values()), x.device)[ops].unbind(-1)
-    magnitudes = low + (high - low) * torch.rand(num_ops, x.shape[0], device=x.device)
-    return _cutout(_rand_augment(x, ops, magnitudes), cutout)
+    magnitudes = low + (high - low) * torch.rand(num_ops, n, device=x.device)
+    box = [torch.rand(n, 1, 1, device=x.device) for _ in range(3)]  # Cutout: U(0, 1) for half its side, centre y, x
+    return _apply_strong(x, ops, magnitudes, box, cutout)
+
+
+def _strong_ops(x, ops, magnitudes, box, cutout):
+    """strong_augment past its random draws: a pure function of them (so compile_augment can compile it)."""
+    return _cutout(_rand_augment(x, ops, magnitudes), cutout, *box)
+
+
+_apply_strong = _strong_ops
+
+
+def compile_augment():
+    """Compile strong_augment's ops for the GPU (torch.compile, fixed shapes: fewer kernels, less memory traffic). The
+    random draws stay eager, so the compiled ops see the eager draws and can be checked against the eager ops."""
+    global _apply_strong
+    _apply_strong = torch.compile(_strong_ops, fullgraph=True, dynamic=False)
 
 
 def _rand_augment(x, ops, magnitudes):
@@ -429,7 +446,7 @@ def _op_matrix(op, magnitude, h, w):
 def _colour_op(x, op, magnitude):
     """One RandAugment slot's colour op per image (op codes and magnitudes (N,)); images whose op
     is geometric or identity pass through unchanged."""
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return _colour_op_no_sync(x, op, magnitude)
     out = x.clone()  # on the CPU, reading the codes costs no sync: each image computes only the op it drew
     for name, apply in _COLOUR_OPS.items():
@@ -609,14 +626,12 @@ def _affine(x, matrix, fill):
     return torch.where(inside.unsqueeze(1), out, float(fill)).to(torch.uint8)
 
 
-def _cutout(x, size):
+def _cutout(x, size, u_half, u_y, u_x):
     """Per image, fill with grey 127 the pixels whose centres fall in a square of side
     U(0, size) * H (half-open bounds: at most ceil(size * H) pixels a side) centred at a uniform
-    point of the image."""
-    n, _, h, w = x.shape
-    half = torch.rand(n, 1, 1, device=x.device) * (size * h / 2)
-    cy = torch.rand(n, 1, 1, device=x.device) * h
-    cx = torch.rand(n, 1, 1, device=x.device) * w
+    point of the image; u_half, u_y, u_x (N, 1, 1) are the U(0, 1) draws."""
+    _, _, h, w = x.shape
+    half, cy, cx = u_half * (size * h / 2), u_y * h, u_x * w
     ys = torch.arange(h, device=x.device).view(1, h, 1) + 0.5
     xs = torch.arange(w, device=x.device).view(1, 1, w) + 0.5
     box = (ys >= cy - half) & (ys < cy + half) & (xs >= cx - half) & (xs < cx + half)

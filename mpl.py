@@ -143,6 +143,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default bf16 on cuda, none on cpu")
     p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
+    p.add_argument("--compile-augment", action="store_true", help="cuda: compile the augmentations (torch.compile)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph, replay it")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
     p.add_argument("--run-dir", default=None, help="default runs/<dataset>_<method>_<labels>_<seed>_<time>")
     p.add_argument("--resume", default=None, help="a run dir to continue exactly, with its args.json")
@@ -195,6 +197,10 @@ def parse_args(argv=None):
         fail("--device cuda, but CUDA is not available here: use --device cpu")
     if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: SyncBatchNorm has no CPU kernel
         fail("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only): drop --sync-bn")
+    if args.cuda_graph and (not args.device.startswith("cuda") or args.amp == "fp16"):
+        fail("--cuda-graph needs --device cuda and --amp bf16 or none (fp16's loss scaling syncs with the host)")
+    if args.compile_augment and not args.device.startswith("cuda"):
+        fail("--compile-augment is for --device cuda (on the CPU the eager augmentations are the faster)")
     if args.eval_only and not args.resume:
         fail("--eval-only needs --resume RUN_DIR: the run whose checkpoint to evaluate")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -209,10 +215,36 @@ def parse_args(argv=None):
 
 # TRY NOT TO MODIFY: EMA, evaluation, run dir and checkpoints
 @torch.no_grad()
-def ema_update(ema_model, model, decay):
-    """ema = decay * ema + (1 - decay) * model for the parameters; the BatchNorm statistics copied."""
-    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+def ema_update(ema_model, model, weight):
+    """ema += weight (model - ema) for the parameters, weight = 1 - decay a device tensor; the BatchNorm statistics
+    copied."""
+    ema = list(ema_model.parameters())
+    torch._foreach_lerp_(ema, list(model.parameters()), [weight] * len(ema))
     torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
+
+
+def cuda_graph(step_fn, warmup=3):
+    """step_fn, replayed from a CUDA graph: its first `warmup` calls run eagerly on a side stream (real steps that
+    also warm up cuDNN, torch.compile and lazy state), the next captures it once, and every call replays it. Replays
+    run the captured kernels with the tensors captured: what changes between steps must be device tensors updated in
+    place, and Python code inside step_fn runs only at capture."""
+    graph, stream, calls = torch.cuda.CUDAGraph(), torch.cuda.Stream(), 0
+
+    def run():
+        nonlocal calls
+        if calls < warmup:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step_fn()
+            torch.cuda.current_stream().wait_stream(stream)
+        elif calls == warmup:
+            with torch.cuda.graph(graph):
+                step_fn()
+        if calls >= warmup:
+            graph.replay()
+        calls += 1
+
+    return run
 
 
 @torch.no_grad()
@@ -246,7 +278,7 @@ def check_run_dir(run_dir, resume):
         fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
 
 
-def load_checkpoint(run_dir, args, world):
+def load_checkpoint(run_dir, args, world, device):
     """The checkpoint to resume from, or one line saying why there is none (exit 2; 0 for a finished run)."""
     path = run_dir / "checkpoint.pt"
     if not path.is_file():  # the run stopped before its first save
@@ -254,7 +286,7 @@ def load_checkpoint(run_dir, args, world):
     try:
         with warnings.catch_warnings():  # torch warns about some foreign files before refusing them
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+            ckpt = torch.load(path, map_location=device, weights_only=True)  # never runs code from the file
     except Exception as e:
         fail(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}): damaged or not a checkpoint")
     if not isinstance(ckpt, dict) or "step" not in ckpt:
@@ -311,6 +343,8 @@ if __name__ == "__main__":
     t_start, args = time.perf_counter(), parse_args()
     # DISTRIBUTED: under torchrun one process per device (NCCL on CUDA, gloo on CPU); a plain run is rank 0 of 1
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.cuda_graph:  # DISTRIBUTED: not captured (DDP's all-reduces would be in the graph)
+        fail("--cuda-graph runs on one GPU: drop it under torchrun")
     device = torch.device(args.device)
     if world > 1:
         if device.type == "cuda":
@@ -323,7 +357,7 @@ if __name__ == "__main__":
     run_dir = Path(args.run_dir)
     if not args.eval_only:
         check_run_dir(run_dir, args.resume)
-    ckpt = load_checkpoint(run_dir, args, world) if args.resume else None
+    ckpt = load_checkpoint(run_dir, args, world, device) if args.resume else None
 
     def interrupted(signum, frame):  # Ctrl-C, SIGTERM: one line on how to go on (the checkpoint on disk is whole)
         how = "no checkpoint yet, nothing to resume"
@@ -348,7 +382,7 @@ if __name__ == "__main__":
     if ckpt is not None and ckpt.get("data", sizes) != sizes:
         fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, now {sizes})")
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none")
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none", cache_enabled=False)  # graphs
     prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
 
     # ALGO LOGIC: the network: the student, with dropout before its classifier
@@ -359,10 +393,14 @@ if __name__ == "__main__":
     model = model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # the evaluated model
     train_model = torch.compile(model) if args.compile else model
+    if args.compile_augment:
+        common.compile_augment()
     train_model = torch.nn.parallel.DistributedDataParallel(train_model) if world > 1 else train_model  # DISTRIBUTED
     decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, fused=device.type == "cuda")
+    for g in groups:  # the lr a device tensor (a CUDA graph reads it); the schedule's base a float (no host sync)
+        g.update(lr=torch.tensor(args.lr, device=device), initial_lr=args.lr)
+    optimizer = torch.optim.SGD(groups, momentum=args.momentum, nesterov=True, fused=device.type == "cuda")
     cosine = lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -372,8 +410,8 @@ if __name__ == "__main__":
     if args.finetune_steps >= args.total_steps:
         fail(f"--finetune-steps {args.finetune_steps} must be below --total-steps {args.total_steps} (the whole run)")
     mpl_steps = args.total_steps - args.finetune_steps  # the MPL phase: steps 1..mpl_steps; finetuning after it
-    student_lr = lambda k: warmup_cosine(k, mpl_steps, args.warmup_steps, args.student_wait_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, student_lr)  # in place of the template's cosine
+    student_lr = lambda k: warmup_cosine(min(k, mpl_steps), mpl_steps, args.warmup_steps, args.student_wait_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, student_lr)  # held while finetuning (it steps every step)
     teacher = common.WideResNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum)
     teacher.fc_dropout = args.dropout
     teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(teacher) if args.sync_bn else teacher  # DISTRIBUTED
@@ -383,13 +421,17 @@ if __name__ == "__main__":
         train_teacher = torch.nn.parallel.DistributedDataParallel(train_teacher)
     decay, no_decay = [p for p in teacher.parameters() if p.ndim > 1], [p for p in teacher.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    sgd = dict(momentum=args.momentum, nesterov=True, fused=device.type == "cuda")  # as the student's
-    teacher_optimizer = torch.optim.SGD(groups, lr=args.teacher_lr, **sgd)
+    for g in groups:  # as the student's: the lr a device tensor, the schedule's base a float
+        g.update(lr=torch.tensor(args.teacher_lr, device=device), initial_lr=args.teacher_lr)
+    sgd = dict(momentum=args.momentum, nesterov=True, fused=device.type == "cuda")  # fused: a tensor lr, no sync
+    teacher_optimizer = torch.optim.SGD(groups, **sgd)
     teacher_lr = lambda k: warmup_cosine(k, mpl_steps, args.warmup_steps)  # no wait
     teacher_scheduler = torch.optim.lr_scheduler.LambdaLR(teacher_optimizer, teacher_lr)
     teacher_scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    finetune_optimizer = torch.optim.SGD(model.parameters(), lr=args.finetune_lr, weight_decay=0.0, **sgd)
+    finetune_groups = [{"params": list(model.parameters()), "lr": torch.tensor(args.finetune_lr, device=device)}]
+    finetune_optimizer = torch.optim.SGD(finetune_groups, weight_decay=0.0, **sgd)  # a constant lr: no schedule
     mpl_baseline = torch.zeros((), device=device)  # b of Eq. (6), updated in place (the checkpoint saves this tensor)
+    uda_w = torch.zeros((), device=device)  # w_k of Eq. (8), filled before each step
     state.update(scheduler=scheduler, teacher=teacher, teacher_optimizer=teacher_optimizer)
     state.update(teacher_scheduler=teacher_scheduler, teacher_scaler=teacher_scaler)
     state.update(finetune_optimizer=finetune_optimizer, mpl_baseline=mpl_baseline)
@@ -402,15 +444,15 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: resume, run dir, logging
     torch.manual_seed(args.seed + rank)  # DISTRIBUTED: the same weights on every rank above, each its own batches below
-    start_step, best_acc, running = 0, 0.0, {}
+    start_step, best_acc = 0, 0.0
     if ckpt is not None:
         try:  # modules, optimizers, schedulers and scalers load their state dict; the method's tensors are copied
             for k, v in state.items():
                 v.load_state_dict(ckpt[k]) if hasattr(v, "load_state_dict") else v.copy_(ckpt[k])
             start_step, best_acc = ckpt["step"], ckpt["best_acc"]
-            torch.set_rng_state(ckpt["rng_cpu"][rank])
+            torch.set_rng_state(ckpt["rng_cpu"][rank].cpu())
             if device.type == "cuda":
-                torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
+                torch.cuda.set_rng_state(ckpt["rng_cuda"][rank].cpu(), device)
         except (KeyError, ValueError, RuntimeError) as e:  # another method's or network's state
             fail(f"--resume {run_dir}: its checkpoint does not fit this run ({' '.join(str(e).split())[:120]})")
     if args.eval_only:  # the checkpoint's models on the test set: one line, nothing written
@@ -442,93 +484,117 @@ if __name__ == "__main__":
             if writer and k != "step" and v is not None:
                 writer.add_scalar(k, v, row["step"])
 
+    # TRY NOT TO MODIFY: what changes from step to step is in device tensors that the step reads (--cuda-graph)
+    ema_weight, running = torch.zeros((), device=device), {}  # 1 - this step's EMA decay; metric sums (zeroed at rows)
+
+    def train_step():
+        """One training step, from the batch draw to the metric sums: what --cuda-graph captures and replays."""
+        # ALGO LOGIC: one MPL step: the teacher labels, the student learns, the teacher learns from its change
+        _, x_l, y_l = common.sample_batch(args.batch_size, data.x_labeled, data.y_labeled)
+        _, x_u, y_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled, data.y_unlabeled)
+        x_lw, x_uw = common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip).split([len(x_l), len(x_u)])
+        x_us = common.strong_augment(x_u, flip=info.flip)
+        # the teacher: one forward of [a(x), a(u), A(u)]
+        with autocast:
+            t_logits = train_teacher(prep(torch.cat([x_lw, x_uw, x_us]))).float()  # (B + 2 mu B, C)
+        t_logits_l, t_logits_uw, t_logits_us = t_logits.split([len(x_l), len(x_u), len(x_u)])
+        loss_t_sup = F.cross_entropy(t_logits_l, y_l, label_smoothing=args.label_smoothing)  # Eq. (1)
+        q = (t_logits_uw.detach() / args.temperature).softmax(1)  # sharpened target, a constant
+        mask = (q.max(1).values >= args.threshold).float()  # on the sharpened target, as both MPL codes
+        loss_t_uda = (F.cross_entropy(t_logits_us, q, reduction="none") * mask).mean()  # Eq. (2): over all mu B
+        y_hat = t_logits_uw.detach().argmax(1)  # Eq. (3): the one pseudo label of the student and of the MPL term
+        # the student: one forward of [a(x), A(u)], one step on the pseudo labels alone
+        with autocast:
+            s_logits = train_model(prep(torch.cat([x_lw, x_us]))).float()  # (B + mu B, C)
+        s_logits_l, s_logits_us = s_logits.split([len(x_l), len(x_u)])
+        ce_old = F.cross_entropy(s_logits_l.detach(), y_l)  # Eq. (5), before the step
+        loss_s = F.cross_entropy(s_logits_us, y_hat, label_smoothing=args.label_smoothing)  # Eq. (4)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss_s).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad(), autocast:  # the same labeled images through the updated student, in train mode
+            s_logits_l_new = train_model(prep(x_lw)).float()
+        ce_new = F.cross_entropy(s_logits_l_new, y_l)  # Eq. (5), after the step
+        if world > 1:  # DISTRIBUTED: CE_old, CE_new over every rank's labeled batch: one h and one b on all ranks
+            dist.all_reduce(ce := torch.stack([ce_old, ce_new]))
+            ce_old, ce_new = ce / world
+        # the teacher's step: its own losses plus the student's feedback h
+        h, baseline = mpl_signal(ce_old, ce_new, mpl_baseline, args.baseline_decay)  # Eq. (6)
+        mpl_baseline.copy_(baseline)  # in place: the state tensor the checkpoint saves
+        loss_t_mpl = mpl_term(h, t_logits_uw, y_hat)  # Eq. (7): the label's score on the logits that produced it
+        loss_t = loss_t_sup + uda_w * loss_t_uda + loss_t_mpl  # Eq. (8)
+        teacher_optimizer.zero_grad(set_to_none=True)
+        teacher_scaler.scale(loss_t).backward()
+        teacher_scaler.step(teacher_optimizer)
+        teacher_scaler.update()
+        loss, known = loss_s, (y_u >= 0).float()  # known: unlabeled samples whose label is known (logging only)
+        stats = {
+            "losses/total": loss,
+            "losses/student": loss_s,
+            "losses/teacher": loss_t,
+            "losses/teacher_sup": loss_t_sup,
+            "losses/teacher_uda": loss_t_uda,
+            "losses/teacher_mpl": loss_t_mpl,
+            "train/mpl_h": h,
+            "train/mpl_baseline": baseline,
+            "train/ce_old": ce_old,
+            "train/ce_new": ce_new,
+            "train/mask_ratio": mask.mean(),
+            "train/pseudo_acc": ((y_hat == y_u) * known).sum() / known.sum().clamp(min=1),
+            "train/uda_weight": uda_w,
+            "train/lr_teacher": teacher_optimizer.param_groups[0]["lr"],  # the lr this step used (scheduled after)
+        }
+
+        # TRY NOT TO MODIFY: EMA, metric sums on the device (no host sync)
+        ema_update(ema_model, model, ema_weight)
+        stats["n"] = loss.new_ones(())
+        running.update({k: torch.zeros((), device=device) for k in stats if k not in running})  # at the first step
+        torch._foreach_add_([running[k] for k in stats], [v.detach().float() for v in stats.values()])
+
+    # ALGO LOGIC: the finetuning step (a second CUDA graph): the student alone on labeled data, its own optimizer
+    def finetune_step():
+        """One finetuning step (steps mpl_steps + 1 onwards), with the template's EMA and metric sums."""
+        _, x_l, y_l = common.sample_batch(args.finetune_batch_size, data.x_labeled, data.y_labeled)
+        with autocast:
+            logits_l = train_model(prep(common.weak_augment(x_l, flip=info.flip))).float()
+        loss = F.cross_entropy(logits_l, y_l, label_smoothing=args.label_smoothing)
+        finetune_optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(finetune_optimizer)
+        scaler.update()
+        stats = {"losses/total": loss, "losses/finetune": loss}
+        stats["train/lr_finetune"] = torch.full_like(loss, args.finetune_lr)
+        ema_update(ema_model, model, ema_weight)  # the template's EMA and metric sums, as in train_step
+        stats["n"] = loss.new_ones(())
+        running.update({k: torch.zeros((), device=device) for k in stats if k not in running})  # at the first step
+        torch._foreach_add_([running[k] for k in stats], [v.detach().float() for v in stats.values()])
+
+    # TRY NOT TO MODIFY: the loop: this step's numbers, the step (eager, or replayed from its CUDA graph), the schedules
+    train_step = cuda_graph(train_step) if args.cuda_graph else train_step
     params = sum(p.numel() for p in model.parameters())
     wrn = f"WRN-{args.depth}-{args.width} {params:,} params"
     print(f"{METHOD} | {args.dataset} {args.num_labels} labels | {wrn} | {device} amp={args.amp} | {run_dir}")
     model.train()
     t_last, step_last = time.perf_counter(), start_step
     for step in range(start_step + 1, args.total_steps + 1):
-        # ALGO LOGIC: the teacher labels, the student learns, the teacher learns from its change (or finetuning)
-        finetuning = step > mpl_steps
-        batch = args.finetune_batch_size if finetuning else args.batch_size
-        _, x_l, y_l = common.sample_batch(batch, data.x_labeled, data.y_labeled)
-        if finetuning:  # the student alone on labeled data, from the EMA student's weights, with its own optimizer
-            if step == mpl_steps + 1:
+        ema_weight.fill_(1 - min(args.ema_decay, (1 + step) / (10 + step)))  # a fill: no host-to-device copy
+        # ALGO LOGIC: this step's UDA weight; at the first finetuning step (of the run or of a resume), its own step
+        uda_w.fill_(args.uda_weight * (min(1.0, step / args.uda_steps) if args.uda_steps > 0 else 1.0))
+        if step == max(mpl_steps, start_step) + 1:  # outside the step: Python that runs once, not in a graph
+            if step == mpl_steps + 1:  # finetuning starts from the EMA student (a resume has it in the checkpoint)
                 model.load_state_dict(ema_model.state_dict())
             model.fc_dropout = 0.0  # as kekmodel's finetuning
-            with autocast:
-                logits_l = train_model(prep(common.weak_augment(x_l, flip=info.flip))).float()
-            loss = F.cross_entropy(logits_l, y_l, label_smoothing=args.label_smoothing)
-            finetune_optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(finetune_optimizer)
-            scaler.update()
-            stats = {"losses/total": loss, "losses/finetune": loss}
-            stats["train/lr_finetune"] = torch.full_like(loss, args.finetune_lr)
-        else:
-            _, x_u, y_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled, data.y_unlabeled)
-            x_lw, x_uw = common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip).split([len(x_l), len(x_u)])
-            x_us = common.strong_augment(x_u, flip=info.flip)
-            # the teacher: one forward of [a(x), a(u), A(u)]
-            with autocast:
-                t_logits = train_teacher(prep(torch.cat([x_lw, x_uw, x_us]))).float()  # (B + 2 mu B, C)
-            t_logits_l, t_logits_uw, t_logits_us = t_logits.split([len(x_l), len(x_u), len(x_u)])
-            loss_t_sup = F.cross_entropy(t_logits_l, y_l, label_smoothing=args.label_smoothing)  # Eq. (1)
-            q = (t_logits_uw.detach() / args.temperature).softmax(1)  # sharpened target, a constant
-            mask = (q.max(1).values >= args.threshold).float()  # on the sharpened target, as both MPL codes
-            loss_t_uda = (F.cross_entropy(t_logits_us, q, reduction="none") * mask).mean()  # Eq. (2): over all mu B
-            w_u = args.uda_weight * (min(1.0, step / args.uda_steps) if args.uda_steps > 0 else 1.0)
-            y_hat = t_logits_uw.detach().argmax(1)  # Eq. (3): the one pseudo label of the student and of the MPL term
-            # the student: one forward of [a(x), A(u)], one step on the pseudo labels alone
-            with autocast:
-                s_logits = train_model(prep(torch.cat([x_lw, x_us]))).float()  # (B + mu B, C)
-            s_logits_l, s_logits_us = s_logits.split([len(x_l), len(x_u)])
-            ce_old = F.cross_entropy(s_logits_l.detach(), y_l)  # Eq. (5), before the step
-            loss_s = F.cross_entropy(s_logits_us, y_hat, label_smoothing=args.label_smoothing)  # Eq. (4)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss_s).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            with torch.no_grad(), autocast:  # the same labeled images through the updated student, in train mode
-                s_logits_l_new = train_model(prep(x_lw)).float()
-            ce_new = F.cross_entropy(s_logits_l_new, y_l)  # Eq. (5), after the step
-            if world > 1:  # DISTRIBUTED: CE_old, CE_new over every rank's labeled batch: one h and one b on all ranks
-                dist.all_reduce(ce := torch.stack([ce_old, ce_new]))
-                ce_old, ce_new = ce / world
-            # the teacher's step: its own losses plus the student's feedback h
-            h, baseline = mpl_signal(ce_old, ce_new, mpl_baseline, args.baseline_decay)  # Eq. (6)
-            mpl_baseline.copy_(baseline)  # in place: the state tensor the checkpoint saves
-            loss_t_mpl = mpl_term(h, t_logits_uw, y_hat)  # Eq. (7): the label's score on the logits that produced it
-            loss_t = loss_t_sup + w_u * loss_t_uda + loss_t_mpl  # Eq. (8)
-            teacher_optimizer.zero_grad(set_to_none=True)
-            teacher_scaler.scale(loss_t).backward()
-            teacher_scaler.step(teacher_optimizer)
-            teacher_scaler.update()
+            running.clear()  # the MPL metrics since the last row go: the finetuning rows hold the finetuning keys alone
+            train_step = cuda_graph(finetune_step) if args.cuda_graph else finetune_step
+        # TRY NOT TO MODIFY: the step, then the schedules (outside the graph: LambdaLR fills the lr tensors)
+        train_step()
+        scheduler.step()
+
+        # ALGO LOGIC: the teacher's schedule (idle while finetuning); its accuracy at each evaluation; at the end of
+        # the MPL phase, the EMA student's too
+        if step <= mpl_steps:
             teacher_scheduler.step()
-            loss, known = loss_s, (y_u >= 0).float()  # known: unlabeled samples whose label is known (logging only)
-            stats = {
-                "losses/total": loss,
-                "losses/student": loss_s,
-                "losses/teacher": loss_t,
-                "losses/teacher_sup": loss_t_sup,
-                "losses/teacher_uda": loss_t_uda,
-                "losses/teacher_mpl": loss_t_mpl,
-                "train/mpl_h": h,
-                "train/mpl_baseline": baseline,
-                "train/ce_old": ce_old,
-                "train/ce_new": ce_new,
-                "train/mask_ratio": mask.mean(),
-                "train/pseudo_acc": ((y_hat == y_u) * known).sum() / known.sum().clamp(min=1),
-                "train/uda_weight": torch.full_like(loss, w_u),
-                "train/lr_teacher": torch.full_like(loss, teacher_scheduler.get_last_lr()[0]),
-            }
-
-        # TRY NOT TO MODIFY: EMA, metric sums on the device (no host sync)
-        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
-        running = {k: running.get(k, 0) + v.detach().float() for k, v in {**stats, "n": loss.new_ones(())}.items()}
-
-        # ALGO LOGIC: the teacher's accuracy at each evaluation; at the end of the MPL phase, the EMA student's too
         phase_end = step == mpl_steps < args.total_steps  # the MPL phase's result, before finetuning
         if (step % args.eval_every == 0 or step == args.total_steps or phase_end) and rank == 0:  # DISTRIBUTED
             # the teacher as both models: evaluate() puts its second model back in train mode
@@ -549,7 +615,8 @@ if __name__ == "__main__":
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)
-            its, lr, running = (step - step_last) / (time.perf_counter() - t_last), scheduler.get_last_lr()[0], {}
+            its, lr = (step - step_last) / (time.perf_counter() - t_last), float(scheduler.get_last_lr()[0])
+            torch._foreach_zero_(list(running.values()))  # in place: a CUDA graph adds into these tensors
             if rank == 0:  # DISTRIBUTED
                 log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
             text = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())

@@ -90,6 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default bf16 on cuda, none on cpu")
     p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
+    p.add_argument("--compile-augment", action="store_true", help="cuda: compile the augmentations (torch.compile)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph, replay it")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
     p.add_argument("--run-dir", default=None, help="default runs/<dataset>_<method>_<labels>_<seed>_<time>")
     p.add_argument("--resume", default=None, help="a run dir to continue exactly, with its args.json")
@@ -125,6 +127,10 @@ def parse_args(argv=None):
         fail("--device cuda, but CUDA is not available here: use --device cpu")
     if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: SyncBatchNorm has no CPU kernel
         fail("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only): drop --sync-bn")
+    if args.cuda_graph and (not args.device.startswith("cuda") or args.amp == "fp16"):
+        fail("--cuda-graph needs --device cuda and --amp bf16 or none (fp16's loss scaling syncs with the host)")
+    if args.compile_augment and not args.device.startswith("cuda"):
+        fail("--compile-augment is for --device cuda (on the CPU the eager augmentations are the faster)")
     if args.eval_only and not args.resume:
         fail("--eval-only needs --resume RUN_DIR: the run whose checkpoint to evaluate")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -139,10 +145,36 @@ def parse_args(argv=None):
 
 # TRY NOT TO MODIFY: EMA, evaluation, run dir and checkpoints
 @torch.no_grad()
-def ema_update(ema_model, model, decay):
-    """ema = decay * ema + (1 - decay) * model for the parameters; the BatchNorm statistics copied."""
-    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+def ema_update(ema_model, model, weight):
+    """ema += weight (model - ema) for the parameters, weight = 1 - decay a device tensor; the BatchNorm statistics
+    copied."""
+    ema = list(ema_model.parameters())
+    torch._foreach_lerp_(ema, list(model.parameters()), [weight] * len(ema))
     torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
+
+
+def cuda_graph(step_fn, warmup=3):
+    """step_fn, replayed from a CUDA graph: its first `warmup` calls run eagerly on a side stream (real steps that
+    also warm up cuDNN, torch.compile and lazy state), the next captures it once, and every call replays it. Replays
+    run the captured kernels with the tensors captured: what changes between steps must be device tensors updated in
+    place, and Python code inside step_fn runs only at capture."""
+    graph, stream, calls = torch.cuda.CUDAGraph(), torch.cuda.Stream(), 0
+
+    def run():
+        nonlocal calls
+        if calls < warmup:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step_fn()
+            torch.cuda.current_stream().wait_stream(stream)
+        elif calls == warmup:
+            with torch.cuda.graph(graph):
+                step_fn()
+        if calls >= warmup:
+            graph.replay()
+        calls += 1
+
+    return run
 
 
 @torch.no_grad()
@@ -176,7 +208,7 @@ def check_run_dir(run_dir, resume):
         fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
 
 
-def load_checkpoint(run_dir, args, world):
+def load_checkpoint(run_dir, args, world, device):
     """The checkpoint to resume from, or one line saying why there is none (exit 2; 0 for a finished run)."""
     path = run_dir / "checkpoint.pt"
     if not path.is_file():  # the run stopped before its first save
@@ -184,7 +216,7 @@ def load_checkpoint(run_dir, args, world):
     try:
         with warnings.catch_warnings():  # torch warns about some foreign files before refusing them
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+            ckpt = torch.load(path, map_location=device, weights_only=True)  # never runs code from the file
     except Exception as e:
         fail(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}): damaged or not a checkpoint")
     if not isinstance(ckpt, dict) or "step" not in ckpt:
@@ -241,6 +273,8 @@ if __name__ == "__main__":
     t_start, args = time.perf_counter(), parse_args()
     # DISTRIBUTED: under torchrun one process per device (NCCL on CUDA, gloo on CPU); a plain run is rank 0 of 1
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.cuda_graph:  # DISTRIBUTED: not captured (DDP's all-reduces would be in the graph)
+        fail("--cuda-graph runs on one GPU: drop it under torchrun")
     device = torch.device(args.device)
     if world > 1:
         if device.type == "cuda":
@@ -253,7 +287,7 @@ if __name__ == "__main__":
     run_dir = Path(args.run_dir)
     if not args.eval_only:
         check_run_dir(run_dir, args.resume)
-    ckpt = load_checkpoint(run_dir, args, world) if args.resume else None
+    ckpt = load_checkpoint(run_dir, args, world, device) if args.resume else None
 
     def interrupted(signum, frame):  # Ctrl-C, SIGTERM: one line on how to go on (the checkpoint on disk is whole)
         how = "no checkpoint yet, nothing to resume"
@@ -278,7 +312,7 @@ if __name__ == "__main__":
     if ckpt is not None and ckpt.get("data", sizes) != sizes:
         fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, now {sizes})")
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none")
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none", cache_enabled=False)  # graphs
     prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
 
     # ALGO LOGIC: the network
@@ -288,10 +322,14 @@ if __name__ == "__main__":
     model = model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # the evaluated model
     train_model = torch.compile(model) if args.compile else model
+    if args.compile_augment:
+        common.compile_augment()
     train_model = torch.nn.parallel.DistributedDataParallel(train_model) if world > 1 else train_model  # DISTRIBUTED
     decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True, fused=device.type == "cuda")
+    for g in groups:  # the lr a device tensor (a CUDA graph reads it); the schedule's base a float (no host sync)
+        g.update(lr=torch.tensor(args.lr, device=device), initial_lr=args.lr)
+    optimizer = torch.optim.SGD(groups, momentum=args.momentum, nesterov=True, fused=device.type == "cuda")
     cosine = lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -299,15 +337,15 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: resume, run dir, logging
     torch.manual_seed(args.seed + rank)  # DISTRIBUTED: the same weights on every rank above, each its own batches below
-    start_step, best_acc, running = 0, 0.0, {}
+    start_step, best_acc = 0, 0.0
     if ckpt is not None:
         try:  # modules, optimizers, schedulers and scalers load their state dict; the method's tensors are copied
             for k, v in state.items():
                 v.load_state_dict(ckpt[k]) if hasattr(v, "load_state_dict") else v.copy_(ckpt[k])
             start_step, best_acc = ckpt["step"], ckpt["best_acc"]
-            torch.set_rng_state(ckpt["rng_cpu"][rank])
+            torch.set_rng_state(ckpt["rng_cpu"][rank].cpu())
             if device.type == "cuda":
-                torch.cuda.set_rng_state(ckpt["rng_cuda"][rank], device)
+                torch.cuda.set_rng_state(ckpt["rng_cuda"][rank].cpu(), device)
         except (KeyError, ValueError, RuntimeError) as e:  # another method's or network's state
             fail(f"--resume {run_dir}: its checkpoint does not fit this run ({' '.join(str(e).split())[:120]})")
     if args.eval_only:  # the checkpoint's models on the test set: one line, nothing written
@@ -339,12 +377,11 @@ if __name__ == "__main__":
             if writer and k != "step" and v is not None:
                 writer.add_scalar(k, v, row["step"])
 
-    params = sum(p.numel() for p in model.parameters())
-    wrn = f"WRN-{args.depth}-{args.width} {params:,} params"
-    print(f"{METHOD} | {args.dataset} {args.num_labels} labels | {wrn} | {device} amp={args.amp} | {run_dir}")
-    model.train()
-    t_last, step_last = time.perf_counter(), start_step
-    for step in range(start_step + 1, args.total_steps + 1):
+    # TRY NOT TO MODIFY: what changes from step to step is in device tensors that the step reads (--cuda-graph)
+    ema_weight, running = torch.zeros((), device=device), {}  # 1 - this step's EMA decay; metric sums (zeroed at rows)
+
+    def train_step():
+        """One training step, from the batch draw to the metric sums: what --cuda-graph captures and replays."""
         # ALGO LOGIC: one training step on a labeled batch, and the update
         _, x_l, y_l = common.sample_batch(args.batch_size, data.x_labeled, data.y_labeled)
         with autocast:
@@ -355,11 +392,25 @@ if __name__ == "__main__":
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
 
         # TRY NOT TO MODIFY: EMA, metric sums on the device (no host sync)
-        ema_update(ema_model, model, min(args.ema_decay, (1 + step) / (10 + step)))
-        running = {k: running.get(k, 0) + v.detach().float() for k, v in {**stats, "n": loss.new_ones(())}.items()}
+        ema_update(ema_model, model, ema_weight)
+        stats["n"] = loss.new_ones(())
+        running.update({k: torch.zeros((), device=device) for k in stats if k not in running})  # at the first step
+        torch._foreach_add_([running[k] for k in stats], [v.detach().float() for v in stats.values()])
+
+    # TRY NOT TO MODIFY: the loop: this step's numbers, the step (eager, or replayed from its CUDA graph), the schedules
+    train_step = cuda_graph(train_step) if args.cuda_graph else train_step
+    params = sum(p.numel() for p in model.parameters())
+    wrn = f"WRN-{args.depth}-{args.width} {params:,} params"
+    print(f"{METHOD} | {args.dataset} {args.num_labels} labels | {wrn} | {device} amp={args.amp} | {run_dir}")
+    model.train()
+    t_last, step_last = time.perf_counter(), start_step
+    for step in range(start_step + 1, args.total_steps + 1):
+        ema_weight.fill_(1 - min(args.ema_decay, (1 + step) / (10 + step)))  # a fill: no host-to-device copy
+        # TRY NOT TO MODIFY: the step, then the schedules (outside the graph: LambdaLR fills the lr tensors)
+        train_step()
+        scheduler.step()
 
         # TRY NOT TO MODIFY: log (at every save too: a checkpoint holds no metric sums), evaluate, checkpoint
         save = step % args.save_every == 0 or step == args.total_steps
@@ -371,7 +422,8 @@ if __name__ == "__main__":
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)
-            its, lr, running = (step - step_last) / (time.perf_counter() - t_last), scheduler.get_last_lr()[0], {}
+            its, lr = (step - step_last) / (time.perf_counter() - t_last), float(scheduler.get_last_lr()[0])
+            torch._foreach_zero_(list(running.values()))  # in place: a CUDA graph adds into these tensors
             if rank == 0:  # DISTRIBUTED
                 log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
             text = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())

@@ -53,3 +53,12 @@ def check_scripts(names, known, files=True):
     missing = sorted({known[s] if isinstance(known, dict) else s for s in names} - {p.name for p in ROOT.glob("*.py")})
     if files and missing:
         fail(f"--scripts: {' '.join(missing)} not found in {ROOT}")
+
+
+def flat(state, prefix=""):
+    """Every leaf of a checkpoint (weights, optimizer, RNG, method state) as {dotted.key: value}."""
+    if isinstance(state, dict):
+        return {k: v for key, sub in state.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, sub in enumerate(state) for k, v in flat(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: state}

@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from unittest import mock
 
 import torch
+from scripts import flat  # noqa: F401  (the tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = (  # a tiny network on fake Fashion-MNIST, on the CPU
@@ -75,6 +77,67 @@ def run_inprocess(script, *args, exit_ok=False):
     return scope
 
 
+def run_keeping_step(script, *args):
+    """run_inprocess(script, ...)'s globals and, over them, the locals of its last step call (train_step, or MPL's
+    finetune_step: the step is a function, its tensors are not globals); copies of its tensors as they were when
+    that call returned are under "at_return" (the loop fills some after the step: an lr)."""
+    step = {}
+
+    def profile(frame, event, arg):
+        if event == "return" and frame.f_code.co_name in ("train_step", "finetune_step"):
+            step.clear()
+            step.update(frame.f_locals)
+            step["at_return"] = {k: v.detach().clone() for k, v in frame.f_locals.items() if torch.is_tensor(v)}
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        g = run_inprocess(script, *args)
+    finally:
+        sys.setprofile(previous)
+    return {**g, **step}
+
+
+def frozen_replay(step_fn, warmup=3):
+    """A CPU stand-in for the scripts' cuda_graph(): after `warmup` eager calls, step_fn runs with its Python globals
+    frozen as they were at that call, as a CUDA graph replays one call's kernels. Tensors and modules are the same
+    objects (in-place updates show), but a Python number read inside the step keeps its capture-time value."""
+    calls, frozen = 0, None
+
+    def run():
+        nonlocal calls, frozen
+        if calls == warmup:
+            code, names = step_fn.__code__, dict(step_fn.__globals__)
+            frozen = types.FunctionType(code, names, step_fn.__name__, step_fn.__defaults__, step_fn.__closure__)
+        (frozen or step_fn)()
+        calls += 1
+
+    return run
+
+
+def run_frozen_replay(script, *args):
+    """The script in this process with --cuda-graph emulated on the CPU by frozen_replay; returns its globals. The
+    source is edited (each edit checked): the CUDA-only check of --cuda-graph off, the flag on, cuda_graph replaced."""
+    path = ROOT / script
+    source = path.read_text()
+    for old, new in [
+        ("if args.cuda_graph and (", "if False and ("),
+        ("args.cuda_graph", "True"),
+        ("def cuda_graph(step_fn", "def _cuda_graph(step_fn"),
+    ]:
+        assert old in source, f"{script}: no {old!r}"
+        source = source.replace(old, new)
+    scope = {"__name__": "__main__", "__file__": str(path), "cuda_graph": frozen_replay}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with mock.patch.object(sys, "argv", [script, *map(str, args)]):
+            exec(compile(source, str(path), "exec"), scope)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return scope
+
+
 def rows(run_dir):
     """metrics.jsonl without wall-clock fields."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
@@ -83,15 +146,6 @@ def rows(run_dir):
 
 def checkpoint(run_dir):
     return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
-
-
-def flat(state, prefix=""):
-    """Every leaf of a checkpoint (weights, optimizer, RNG, method state) as {dotted.key: value}."""
-    if isinstance(state, dict):
-        return {k: v for key, sub in state.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-    if isinstance(state, (list, tuple)):
-        return {k: v for i, sub in enumerate(state) for k, v in flat(sub, f"{prefix}{i}.").items()}
-    return {prefix[:-1]: state}
 
 
 def same(a, b):

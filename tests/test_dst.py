@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, rows, run_inprocess
+from scriptrun import TINY, rows, run_keeping_step
 
 import common
 import dst
@@ -125,7 +125,7 @@ def runs(data_dir, tmp_path_factory):
         "two_on": ["--total-steps", 2],
         "two_off": ["--total-steps", 2, "--pseudo-weight", 0, "--worst-weight", 0],
     }.items():
-        out[name] = run_inprocess(
+        out[name] = run_keeping_step(
             "dst.py", *FAST, "--data-dir", data_dir, *extra, "--run-dir", tmp_path_factory.mktemp(name)
         )
     return out
@@ -158,6 +158,9 @@ def test_logged_coefficient_and_pseudo_label_accuracy(runs):
     row = next(r for r in rows(runs["two_on"]["run_dir"]) if "train/grl_coeff" in r)
     assert row["train/grl_coeff"] == pytest.approx((0 + 0.1 * math.tanh(1 / (2 * 0.2))) / 2, rel=1e-6)
     assert {"losses/pseudo", "losses/worst", "train/mask_ratio", "train/pseudo_acc"} <= row.keys()
+    g = runs["two_on"]  # the coefficient: one device tensor, filled before each step with lambda_k, k = step - 1
+    assert g["stats"]["train/grl_coeff"] is g["coeff"] and g["coeff"].dtype == torch.float32
+    assert g["coeff"].item() == torch.tensor(dst.grl_coefficient(1, 0.2, 0.0, 0.1, 1.0)).item()  # step 2: k = 1
     g = runs["one_on"]  # tau = 0: every pseudo label admitted
     assert g["stats"]["train/mask_ratio"].item() == 1.0
     known = g["y_u"] >= 0

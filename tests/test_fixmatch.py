@@ -8,16 +8,16 @@ between two of its middle confidences, so that part of the batch passes and a wr
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, middle_threshold, rows, run_inprocess
+from scriptrun import TINY, middle_threshold, rows, run_keeping_step
 
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 1]
-    probe = run_inprocess("fixmatch.py", *args, "--run-dir", tmp_path_factory.mktemp("probe"))
+    probe = run_keeping_step("fixmatch.py", *args, "--run-dir", tmp_path_factory.mktemp("probe"))
     threshold = middle_threshold(probe["logits_w"])
     on_dir = tmp_path_factory.mktemp("on")
-    on = run_inprocess("fixmatch.py", *args, "--threshold", threshold, "--run-dir", on_dir)
+    on = run_keeping_step("fixmatch.py", *args, "--threshold", threshold, "--run-dir", on_dir)
     return {"probe": probe, "on": on, "threshold": threshold, "on_dir": on_dir}
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from scriptrun import TINY, checkpoint, rows, run_inprocess
+from scriptrun import TINY, checkpoint, rows, run_inprocess, run_keeping_step
 
 
 def test_mapping_functions():
@@ -88,7 +88,7 @@ def runs(data_dir, tmp_path_factory):
             "--run-dir",
             run_dir,
         ]
-        out[w] = run_inprocess("flexmatch.py", *args, "--unsup-weight", w), run_dir, args
+        out[w] = run_keeping_step("flexmatch.py", *args, "--unsup-weight", w), run_dir, args
     return out
 
 

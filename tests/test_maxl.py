@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fakedata import make_fake_dataset
-from scriptrun import TINY, checkpoint, rows, run_inprocess
+from scriptrun import TINY, checkpoint, rows, run_inprocess, run_keeping_step
 
 import common
 import maxl
@@ -301,14 +301,14 @@ def test_one_step_recomputed(data_dir, tmp_path):
     generator's update (plain SGD on the second-order gradient of (5)) and the multi-task net's update
     (nesterov SGD on (3) alone, the generated labels constant); the meta step does not touch the
     running buffers (they move by step 1's forward alone)."""
-    g = run_inprocess(
-        "maxl.py", *TINY, "--data-dir", data_dir, "--total-steps", 1, "--log-every", 1, "--run-dir", tmp_path
-    )
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 1, "--log-every", 1, "--run-dir", tmp_path]
+    g = run_keeping_step("maxl.py", *args)
     row = rows(tmp_path)[0]
     model0, gen0 = initial_nets()
     x_l, y_l, x_m, y_m = g["x_l"], g["y_l"], g["x_m"], g["y_m"]
     slots = maxl.slot_mask(10, 5)
-    assert g["alpha"] == pytest.approx(0.03)  # lr at step 1
+    assert g["at_return"]["alpha"].item() == torch.tensor(0.03).item()  # lr at step 1, in float32
+    assert g["alpha"] is g["optimizer"].param_groups[0]["lr"]  # the tensor LambdaLR fills (graphs)
     # the meta step, at the initial theta_1 and theta_2
     loss, pri_plus, reg = maxl.meta_loss(model0, gen0, x_m, y_m, slots, 0.03, 1.0, 0.2, 2.0)
     assert row["losses/meta"] == pytest.approx(pri_plus.item(), rel=1e-5)
@@ -346,7 +346,7 @@ def test_one_step_recomputed(data_dir, tmp_path):
 
 
 def test_single_baseline_has_no_generator(data_dir, tmp_path):
-    g = run_inprocess(
+    g = run_keeping_step(
         "maxl.py",
         *TINY,
         "--data-dir",

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, checkpoint, flat, rows, run, run_inprocess, run_killed, same
+from scriptrun import TINY, checkpoint, flat, rows, run, run_inprocess, run_keeping_step, run_killed, same
 
 import mpl
 
@@ -144,7 +144,7 @@ RUN = [
 @pytest.fixture(scope="module")
 def two_steps(data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("mpl")
-    return run_inprocess("mpl.py", *TINY, "--data-dir", data_dir, *RUN, "--run-dir", run_dir), run_dir
+    return run_keeping_step("mpl.py", *TINY, "--data-dir", data_dir, *RUN, "--run-dir", run_dir), run_dir
 
 
 def test_logged_h_baseline_and_losses_match_the_formulas(two_steps):
@@ -176,11 +176,11 @@ def test_logged_h_baseline_and_losses_match_the_formulas(two_steps):
         ce_new = F.cross_entropy(student(g["prep"](g["x_lw"])), g["y_l"])
     assert g["ce_new"].item() == pytest.approx(ce_new.item(), rel=1e-5)
     assert g["ce_new"].item() != pytest.approx(g["ce_old"].item(), rel=1e-4)  # the student moved
-    # the learning rates: K = 2, no warm-up, no wait, logged after each step: lr * cos-schedule(1), (2)
-    assert [r["train/lr"] for r in train] == pytest.approx([0.025, 0.0], abs=1e-12)
-    assert [r["train/lr_teacher"] for r in train] == pytest.approx(
-        [0.025, 0.0], rel=1e-6, abs=1e-12
-    )  # logged as a float32 tensor
+    # the learning rates: K = 2, no warm-up, no wait. The student's (the template's train/lr) read after each step's
+    # schedule: lr * cos-schedule(1), (2); the teacher's read inside the step, the lr it used: lr * cos-schedule(0), (1)
+    assert [r["train/lr"] for r in train] == pytest.approx([0.025, 0.0], rel=1e-6, abs=1e-12)  # float32 tensors
+    assert [r["train/lr_teacher"] for r in train] == pytest.approx([0.05, 0.025], rel=1e-6)
+    assert g["stats"]["train/lr_teacher"] is g["teacher_optimizer"].param_groups[0]["lr"]  # the optimizer's own
 
 
 def test_student_learns_the_teachers_weak_view_label_alone(two_steps):
@@ -221,8 +221,8 @@ def test_teacher_uda_loss_and_mask_on_the_sharpened_target(two_steps):
     assert g["loss_t_uda"].item() == pytest.approx(uda.item(), rel=1e-5)
     sup = F.cross_entropy(t_l, g["y_l"], label_smoothing=SMOOTHING)
     assert g["loss_t_sup"].item() == pytest.approx(sup.item(), rel=1e-6)
-    w_u = 8.0 * 2 / 5000  # lambda_u min(1, k / K_uda) at step 2
-    assert g["w_u"] == pytest.approx(w_u)
+    w_u = 8.0 * 2 / 5000  # lambda_u min(1, k / K_uda) at step 2, filled into a float32 device tensor before the step
+    assert g["uda_w"].item() == torch.tensor(w_u).item() and g["stats"]["train/uda_weight"] is g["uda_w"]
     assert g["loss_t"].item() == pytest.approx((sup + w_u * uda + g["loss_t_mpl"]).item(), rel=1e-6)
     row = [r for r in rows(run_dir) if "train/mask_ratio" in r][-1]
     assert row["train/mask_ratio"] == pytest.approx(sharpened.mean().item(), rel=1e-6)
@@ -264,6 +264,9 @@ def test_schedules_are_wired(two_steps):
     try:
         assert [student(k) for k in (0, 19, 20, 29, 65, 100)] == pytest.approx([0, 0, 0.1, 1, 0.5, 0], abs=1e-12)
         assert [teacher(k) for k in (0, 9, 55, 100)] == pytest.approx([0.1, 1, 0.5, 0], abs=1e-12)
+        # the template steps the student's scheduler after every step, finetuning too: its lr stays where the MPL
+        # phase left it (the cosine unheld would rise again: 0.5 (1 + cos(pi 120 / 70)) at k = 150)
+        assert student(150) == student(100) == 0
     finally:
         scope["mpl_steps"] = mpl_steps
         vars(g["args"]).update(vars(args))
@@ -294,7 +297,7 @@ def test_finetuning_starts_from_the_ema_student(two_steps, data_dir, tmp_path):
     the teacher is idle; the EMA student of the MPL phase is evaluated at its end (eval/acc_mpl_phase)."""
     g, mpl_dir = two_steps
     lr = 0.1
-    f = run_inprocess(
+    f = run_keeping_step(
         "mpl.py",
         *TINY,
         "--data-dir",
@@ -365,10 +368,14 @@ def test_kill_and_resume_with_finetuning(mpl_steps, finetune, data_dir, tmp_path
     assert rows(straight) == rows(killed)
     ckpt = checkpoint(straight)
     assert ckpt["step"] == total
-    assert (
-        ckpt["teacher_scheduler"]["last_epoch"] == ckpt["scheduler"]["last_epoch"] == mpl_steps
-    )  # idle while finetuning
+    assert ckpt["teacher_scheduler"]["last_epoch"] == mpl_steps  # idle while finetuning
+    assert ckpt["scheduler"]["last_epoch"] == total  # the template's, stepped every step (its lr held: schedules test)
     assert len(ckpt["finetune_optimizer"]["state"]) > 0
+    # the first finetuning row's interval spans the switch (log every 4): it holds the finetuning steps alone
+    finetune_rows = [r for r in rows(straight) if "losses/finetune" in r]
+    assert finetune_rows and all("losses/teacher" not in r for r in finetune_rows)
+    assert all(r["train/lr_finetune"] == pytest.approx(3e-5, rel=1e-6) for r in finetune_rows)
+    assert all(r["losses/total"] == r["losses/finetune"] for r in finetune_rows)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ through the prediction only), the unlabeled term averages over all mu B images, 
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, middle_threshold, rows, run_inprocess
+from scriptrun import TINY, middle_threshold, rows, run_inprocess, run_keeping_step
 
 K = 20  # steps of the ramp run
 
@@ -13,10 +13,10 @@ K = 20  # steps of the ramp run
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     args = [*TINY, "--data-dir", data_dir]
-    probe = run_inprocess("pseudo_label.py", *args, "--total-steps", 1, "--run-dir", tmp_path_factory.mktemp("p"))
+    probe = run_keeping_step("pseudo_label.py", *args, "--total-steps", 1, "--run-dir", tmp_path_factory.mktemp("p"))
     threshold = middle_threshold(probe["logits_w"])
     on_dir = tmp_path_factory.mktemp("on")
-    on = run_inprocess(
+    on = run_keeping_step(
         "pseudo_label.py", *args, "--total-steps", 1, "--threshold", threshold, "--ramp-up", 0, "--run-dir", on_dir
     )
     ramp_dir = tmp_path_factory.mktemp("ramp")
@@ -57,6 +57,7 @@ def test_unsup_loss_by_hand(runs):
     row = rows(runs["on_dir"])[0]
     assert row["train/mask_ratio"] == pytest.approx(mask.mean().item(), rel=1e-6)
     assert g["loss"].item() == pytest.approx((g["loss_x"] + g["loss_u"]).item(), rel=1e-6)  # --ramp-up 0: weight 1
+    assert g["unsup_w"].item() == 1.0  # the device tensor the step read
 
 
 def test_the_gradient_goes_through_the_prediction_not_the_label(runs):

@@ -85,9 +85,13 @@ def test_values_torch_rejects_are_refused_before_anything_runs(script, capsys, t
                 parse(script, [*TINY, flag, value])
             err = capsys.readouterr().err.strip()
             assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, (flag, value, err)
-    with pytest.raises(SystemExit):
-        parse(script, [*TINY, "--eval-only"])
-    assert "--eval-only needs --resume" in capsys.readouterr().err
+    needs = {"--eval-only": "--eval-only needs --resume", "--cuda-graph": "--cuda-graph needs --device cuda"}
+    needs["--compile-augment"] = "--compile-augment is for --device cuda"  # TINY runs on the CPU
+    for flag, message in needs.items():
+        with pytest.raises(SystemExit) as e:
+            parse(script, [*TINY, flag])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, (flag, err)
     args = parse(script, TINY)
     assert args.script == script[:-3]
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, middle_threshold, rows, run_inprocess
+from scriptrun import TINY, middle_threshold, rows, run_inprocess, run_keeping_step
 
 T = 0.4  # the script's default --temperature
 
@@ -22,10 +22,10 @@ def runs(data_dir, tmp_path_factory):
     weak view, so that part of the unlabeled batch passes and sharpening would let more through."""
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 1]
     probe_dir = tmp_path_factory.mktemp("probe")
-    probe = run_inprocess("uda.py", *args, "--unsup-weight", 0, "--run-dir", probe_dir)
+    probe = run_keeping_step("uda.py", *args, "--unsup-weight", 0, "--run-dir", probe_dir)
     threshold = middle_threshold(probe["logits_weak"])
     on_dir = tmp_path_factory.mktemp("on")
-    on = run_inprocess("uda.py", *args, "--unsup-weight", 1, "--threshold", threshold, "--run-dir", on_dir)
+    on = run_keeping_step("uda.py", *args, "--unsup-weight", 1, "--threshold", threshold, "--run-dir", on_dir)
     return {"probe": probe, "on": on, "threshold": threshold, "probe_dir": probe_dir, "on_dir": on_dir}
 
 
@@ -179,4 +179,4 @@ def test_tsa_linear_end_to_end(runs, data_dir, tmp_path):
     assert train[0]["losses/sup"] == pytest.approx(ce.mean().item(), rel=1e-5)
     assert all(math.isfinite(r["losses/total"]) for r in train)
     assert any("eval/acc" in r and r["step"] == 2 for r in log)
-    assert (tmp_path / "checkpoint.pt").is_file() and g["eta_t"] == 1.0
+    assert (tmp_path / "checkpoint.pt").is_file() and g["tsa_eta"].item() == 1.0  # the device tensor, last filled
