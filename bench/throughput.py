@@ -182,9 +182,11 @@ def peak_bf16(device):
     return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
-def measure_script(script, cfg, data_dir, run_root, device):
+def measure_script(script, cfg, data_dir, run_root, device, extra=(), count_flops=True):
     """One script's row: its batch sizes, images/step, steps/s, images/s, aug share, peak memory,
-    GFLOP/step and MFU (None where not measured on this device)."""
+    GFLOP/step and MFU (None where not measured on this device, or without count_flops). `extra`: more flags
+    for the timed run (--cuda-graph, say); the FLOP-counting runs do without them. Under --cuda-graph the replays
+    run no Python, so the draws and augmentation calls are neither counted nor timed (None)."""
     base = [
         "--dataset",
         "cifar10",
@@ -208,7 +210,7 @@ def measure_script(script, cfg, data_dir, run_root, device):
         for x in (f"--{flag.replace('_', '-')}", cfg[flag])
     ]
     steps, log_every = cfg["steps"], cfg["log_every"]
-    run_dir = Path(run_root) / Path(script).stem
+    run_dir = Path(run_root) / "_".join([Path(script).stem, *(f.strip("-") for f in map(str, extra))])
     timed = [
         *base,
         "--total-steps",
@@ -222,12 +224,14 @@ def measure_script(script, cfg, data_dir, run_root, device):
         "--run-dir",
         run_dir,
         *(["--compile"] if cfg["compile"] else []),
+        *extra,
     ]
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with Probe(device) as probe:
+    graph = "--cuda-graph" in map(str, extra)
+    with contextlib.nullcontext() if graph else Probe(device) as probe:
         run_script(script, timed)
     peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     saved = json.loads((run_dir / "args.json").read_text())
@@ -236,14 +240,15 @@ def measure_script(script, cfg, data_dir, run_root, device):
     measured = intervals[1:]  # the first interval is warm-up
     steps_per_s = statistics.median(its for _, _, its in measured)
     train_seconds = sum((last - first + 1) / its for first, last, its in measured)
-    if probe.draws % steps:
+    if probe and probe.draws % steps:
         raise RuntimeError(f"{script} drew batches {probe.draws} times in {steps} steps: not a fixed number per step")
-    draws_per_step = probe.draws // steps
-    first_measured = measured[0][0]
-    aug_seconds = sum(s for d, s in probe.seconds() if math.ceil(d / draws_per_step) >= first_measured)
+    if probe:
+        draws_per_step = probe.draws // steps
+        first_measured = measured[0][0]
+        aug_seconds = sum(s for d, s in probe.seconds() if math.ceil(d / draws_per_step) >= first_measured)
 
     flops = []
-    for n in (1, 2):  # the difference is one training step
+    for n in (1, 2) if count_flops else ():  # the difference is one training step
         untimed = [
             *base,
             "--total-steps",
@@ -261,20 +266,20 @@ def measure_script(script, cfg, data_dir, run_root, device):
         with FlopCounterMode(display=False) as counter:
             run_script(script, untimed)
         flops.append(counter.get_total_flops())
-    flop_per_step = flops[1] - flops[0]
+    flop_per_step = flops[1] - flops[0] if count_flops else None
     peak = peak_bf16(device)
-    images_per_step = probe.rows // steps
+    images_per_step = probe.rows // steps if probe else None
     return {
         "script": script,
         "batch_size": saved["batch_size"],
         "mu": saved["mu"],
         "images_per_step": images_per_step,
         "steps_per_s": steps_per_s,
-        "images_per_s": images_per_step * steps_per_s,
-        "aug_share": aug_seconds / train_seconds,
+        "images_per_s": images_per_step * steps_per_s if probe else None,
+        "aug_share": aug_seconds / train_seconds if probe else None,
         "peak_mem_bytes": peak_mem,
-        "gflop_per_step": flop_per_step / 1e9,
-        "mfu": flop_per_step * steps_per_s / peak if peak else None,
+        "gflop_per_step": flop_per_step / 1e9 if count_flops else None,
+        "mfu": flop_per_step * steps_per_s / peak if peak and count_flops else None,
         "log_intervals": intervals,
     }
 
@@ -291,9 +296,9 @@ def step_table(rows):
     for r in rows:
         mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2**30
         out.append(
-            f"| `{r['script']}` | {r['batch_size']} | {r['mu']} | {r['images_per_step']} | {r['steps_per_s']:.2f} | "
-            f"{r['images_per_s']:,.0f} | {r['aug_share']:.1%} | {opt(mem, '.2f')} | {r['gflop_per_step']:.4g} | "
-            f"{opt(r['mfu'], '.2%')} |"
+            f"| `{r['script']}` | {r['batch_size']} | {r['mu']} | {opt(r['images_per_step'], 'd')} | "
+            f"{r['steps_per_s']:.2f} | {opt(r['images_per_s'], ',.0f')} | {opt(r['aug_share'], '.1%')} | "
+            f"{opt(mem, '.2f')} | {opt(r['gflop_per_step'], '.4g')} | {opt(r['mfu'], '.2%')} |"
         )
     return out
 

@@ -1,0 +1,323 @@
+"""GPU check of --cuda-graph and --compile-augment: is the replayed step the eager one, and how fast is each script.
+
+One prepared run for a lent GPU (under 8 minutes on one H100 or H200 at the defaults):
+
+    python bench/gpu_check.py                                  # every script
+    python bench/gpu_check.py --scripts supervised.py uda.py --steps 40
+
+Writes bench/results/gpu_check_<GPU>.md (and .json) with the GPU, driver, versions and command, and prints it; exit
+code 1 if a check failed (the table says which). Every script runs for real, in this process (runpy), on a fake
+CIFAR-10 of random images read through torchvision's loader (bench/fakedata.py, as bench/throughput.py).
+
+Checks, small (WRN-10-2, B 16, mu 2, 16 steps, a row per step), with deterministic algorithms:
+- graph = eager: each script eager and with --cuda-graph, one after the other in this process (cuDNN's autotuner
+  has then picked the kernels for both). Compared: every tensor of the final checkpoint (weights, EMA, optimizer,
+  method state), every logged number, and the CUDA RNG state, which must be equal: a replay advances the generator
+  as the eager step does, so replays draw fresh numbers. Reported: bitwise or not, and the largest relative
+  difference of a tensor (||a - b|| / ||a||) and of a logged loss; either above --tolerance fails. Over 16 steps the
+  cosine lr falls to 0.28 of its peak, so a value frozen at the capture (an lr, a ramp) shows.
+- No host sync in the step: the capture fails on one (a sync is not allowed while a stream captures).
+- Resume: with --cuda-graph, 16 steps straight against the run's own step-8 checkpoint resumed to 16 (the first
+  3 steps after a resume run eagerly, then the step is captured again): the same final checkpoint.
+Speed, at each script's defaults (WRN-28-2, B 64, its mu, bf16), --steps steps timed in intervals of --log-every
+(bench/throughput.py's measure_script: steps/s is the median interval after the first): eager, --cuda-graph, and
+--cuda-graph --compile-augment where the script has a strong view; GFLOP/step (FlopCounterMode, eager run) and MFU
+against the dense bf16 peak. And strong_augment alone on 448 images, eager and compiled (images/s).
+"""
+
+import os
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS: set before CUDA starts
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import torch
+from scripts import ROOT, SCRIPTS, check_scripts, fail, flat, parser, positive
+from throughput import _median_seconds, machine_lines, measure_script, run_script
+
+sys.path.insert(0, str(ROOT))
+from fakedata import make_fake_dataset  # noqa: E402
+
+import common  # noqa: E402
+
+SMALL = ["--depth", 10, "--width", 2, "--batch-size", 16, "--mu", 2, "--total-steps", 16, "--log-every", 1]
+SMALL += ["--eval-every", 16, "--save-every", 8]
+STRONG = {"uda.py", "fixmatch.py", "flexmatch.py", "dst.py", "mpl.py"}  # scripts with a strong_augment view
+RESUMED = ["supervised.py", "fixmatch.py"]
+STEP_FUNCTIONS = ("train_step", "finetune_step")  # what --cuda-graph captures (mpl.py has two)
+VARIANTS = {  # speed runs: name -> (flags, scripts it applies to; None: every script)
+    "eager": ([], None),
+    "graph": (["--cuda-graph"], None),
+    "graph_aug": (["--cuda-graph", "--compile-augment"], STRONG),
+    "graph_compiled": (["--cuda-graph", "--compile-augment", "--compile"], {"supervised.py", "uda.py"}),
+}
+
+
+def load(run_dir):
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def logged(run_dir):
+    """{(step, key): value} of metrics.jsonl, without the wall-clock fields."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], k): v for r in rows for k, v in r.items() if k not in ("step", "train/it_per_sec")}
+
+
+def compare(a, b):
+    """How far run dir b is from run dir a: bitwise equal or not, the largest relative difference of a checkpoint
+    tensor and of a logged number, the CUDA RNG states equal, and the keys where they differ most."""
+    ca, cb = ({k: v for k, v in flat(load(d)).items() if not k.startswith("args.")} for d in (a, b))  # run dirs
+    la, lb = logged(a), logged(b)
+    tensor_diff, worst = 0.0, None
+    for k, v in ca.items():
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or torch.equal(v, cb[k]):
+            continue
+        d = ((v.double() - cb[k].double()).norm() / v.double().norm().clamp(min=1e-12)).item()
+        tensor_diff, worst = max((tensor_diff, worst), (d, k))
+    row_diff = max(
+        (abs(la[k] - lb.get(k, float("nan"))) / max(abs(la[k]), 1e-12) for k in la if la[k] is not None), default=0.0
+    )
+    equal = lambda v, w: torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w  # noqa: E731
+    bitwise = set(ca) == set(cb) and all(equal(v, cb[k]) for k, v in ca.items())
+    rng = all(equal(ca[k], cb[k]) for k in ca if k.startswith("rng_cuda"))
+    return {"bitwise": bitwise, "tensor_diff": tensor_diff, "worst": worst, "row_diff": row_diff, "rng_equal": rng}
+
+
+def snapshot_at_first_save(run_dir, copy_to):
+    """A patch of os.replace that copies run_dir to copy_to right after its first checkpoint.pt is written."""
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if Path(dst) == Path(run_dir) / "checkpoint.pt" and not Path(copy_to).exists():
+            shutil.copytree(run_dir, copy_to)
+
+    return mock.patch.object(os, "replace", replace)
+
+
+@contextlib.contextmanager
+def syncs_in_step(found):
+    """CUDA sync-debug mode: appends to `found` the source line of each host sync made while a step function runs."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frame = sys._getframe()
+        while frame and frame.f_code.co_name not in STEP_FUNCTIONS:
+            frame = frame.f_back
+        if frame and "synchroniz" in str(message):
+            found.append(f"{Path(filename).name}:{lineno}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show  # catch_warnings puts the original back
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def check(script, data_dir, root, tolerance, device="cuda", graph=("--cuda-graph",)):
+    """graph = eager for one script (and the resume check for RESUMED); a dict for the table. (device and graph
+    let the machinery run on a CPU, eager against eager.)"""
+    base = ["--dataset", "cifar10", "--data-dir", data_dir, "--num-labels", 40, "--device", device, *SMALL]
+    out = {"script": script, "step_syncs": []}
+    try:
+        with syncs_in_step(out["step_syncs"]) if device == "cuda" else contextlib.nullcontext():
+            run_script(script, [*base, "--run-dir", root / "eager"])
+        run_script(script, [*base, *graph, "--run-dir", root / "graph"])
+        out.update(compare(root / "eager", root / "graph"))
+        out["ok"] = out["rng_equal"] and out["tensor_diff"] <= tolerance and out["row_diff"] <= tolerance
+        if script in RESUMED:
+            with snapshot_at_first_save(root / "straight", root / "at8"):
+                run_script(script, [*base, *graph, "--run-dir", root / "straight"])
+            run_script(script, ["--resume", root / "at8"])
+            out["resume"] = compare(root / "straight", root / "at8")
+            out["ok"] = out["ok"] and out["resume"]["rng_equal"] and out["resume"]["tensor_diff"] <= tolerance
+    except Exception as e:  # a failed capture, say: reported, and the other scripts still run
+        out.update(ok=False, error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+    return out
+
+
+def augment_speed(repeats=20):
+    """strong_augment on 448 random CIFAR-sized images on the GPU, eager and compiled: images/s, and whether the
+    compiled images equal the eager ones for the same draws."""
+    x = torch.randint(0, 256, (448, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    eager = 448 / _median_seconds(lambda: common.strong_augment(x), repeats, x.device)
+    torch.manual_seed(0)
+    ref = common.strong_augment(x)
+    start = time.perf_counter()
+    common.compile_augment()
+    compiled = 448 / _median_seconds(lambda: common.strong_augment(x), repeats, x.device)
+    compile_s = time.perf_counter() - start
+    torch.manual_seed(0)
+    diff = (common.strong_augment(x).int() - ref.int()).abs()
+    common._apply_strong = common._strong_ops  # back to eager for what follows
+    return {
+        "eager": eager,
+        "compiled": compiled,
+        "compile_s": compile_s,
+        "max_level_diff": diff.max().item(),
+        "values_differing": diff.count_nonzero().item(),
+        "values": diff.numel(),
+    }
+
+
+def gpu_lines():
+    name = torch.cuda.get_device_name()
+    try:
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = "unknown"
+    return name, [f"- driver {driver}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"]
+
+
+def report(args, checks, speed, aug, name, extra_lines):
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    lines = [f"# GPU check of --cuda-graph and --compile-augment: {name}", "", *machine_lines(torch.device("cuda"))]
+    lines += [*extra_lines, "", "## graph = eager (WRN-10-2, B 16, mu 2, 16 steps, deterministic algorithms)", ""]
+    lines += [
+        "| script | ok | bitwise | max tensor diff (where) | max logged diff | CUDA RNG equal | resume: max diff "
+        "| host syncs in the eager step |",
+        "| --- | --- | --- | ---: | ---: | --- | --- | --- |",
+    ]
+    for c in checks:
+        syncs = {k: c["step_syncs"].count(k) for k in dict.fromkeys(c["step_syncs"])}
+        syncs = ", ".join(f"{k} x{n}" for k, n in syncs.items()) or "none"
+        if "error" in c:
+            lines.append(f"| `{c['script']}` | FAILED: {c['error']} | | | | | | {syncs} |")
+            continue
+        r = c.get("resume")
+        resume = "-" if r is None else f"{r['tensor_diff']:.2g}{' (bitwise)' if r['bitwise'] else ''}"
+        lines.append(
+            f"| `{c['script']}` | {'yes' if c['ok'] else 'FAILED'} | {'yes' if c['bitwise'] else 'no'} | "
+            f"{c['tensor_diff']:.2g} ({c['worst'] or '-'}) | {c['row_diff']:.2g} | {'yes' if c['rng_equal'] else 'NO'} "
+            f"| {resume} | {syncs} |"
+        )
+    lines += [
+        "",
+        f"## Speed (defaults: WRN-28-2, B 64, each script's mu, bf16; {args.steps} steps, intervals of "
+        f"{args.log_every}, median after the first)",
+        "",
+        "steps/s of: eager; `--cuda-graph`; `--cuda-graph --compile-augment`; `--cuda-graph --compile-augment "
+        "--compile`. MFU: GFLOP/step (FlopCounterMode, eager) x steps/s over the dense bf16 peak, for the fastest.",
+        "",
+        "| script | eager | graph | graph + compiled aug | graph + compiled aug + model | best / eager | GFLOP/step "
+        "| MFU eager | MFU best |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for script, rows in speed.items():
+        e = rows.get("eager")
+        rates = [rows[k]["steps_per_s"] if isinstance(rows.get(k), dict) else None for k in VARIANTS]
+        best = max((r for r in rates if r), default=None)
+        cells = [f(r, ".1f") if r or not isinstance(rows.get(k), str) else rows[k] for r, k in zip(rates, VARIANTS)]
+        gain = best / e["steps_per_s"] if e and best else None
+        mfu_best = e["mfu"] * gain if e and e["mfu"] and gain else None  # MFU scales with steps/s
+        lines.append(
+            f"| `{script}` | {' | '.join(cells)} | {f(gain, '.2f')} | {f(e and e['gflop_per_step'], '.1f')} "
+            f"| {f(e and e['mfu'], '.1%')} | {f(mfu_best, '.1%')} |"
+        )
+    if aug:
+        lines += [
+            "",
+            "## strong_augment alone (448 images)",
+            "",
+            f"eager {aug['eager']:,.0f} images/s, compiled {aug['compiled']:,.0f} images/s (compiling and timing took "
+            f"{aug['compile_s']:.0f} s); compiled vs eager for the same draws: {aug['values_differing']} of "
+            f"{aug['values']} values differ, by at most {aug['max_level_diff']} grey level(s).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--scripts", nargs="+", default=SCRIPTS, help="scripts to check and time")
+    p.add_argument("--steps", type=positive, default=60, help="timed steps per speed run")
+    p.add_argument("--log-every", type=positive, default=20, help="steps per timed interval")
+    p.add_argument("--tolerance", type=float, default=1e-2, help="largest relative difference graph vs eager")
+    p.add_argument("--budget", type=positive, default=420, help="seconds: no new run starts after this (skipped)")
+    p.add_argument("--no-checks", action="store_true", help="skip graph = eager and resume")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed runs")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs (no MFU)")
+    p.add_argument("--out", default=None, help="markdown file, default bench/results/gpu_check_<GPU>.md")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        fail("needs CUDA: this checks CUDA graphs on a GPU")
+    check_scripts(args.scripts, SCRIPTS)
+    if args.steps < 2 * args.log_every:
+        fail(f"--steps {args.steps} must be at least 2 x --log-every {args.log_every}: the first interval is warm-up")
+    name, extra = gpu_lines()
+    out = Path(args.out or ROOT / "bench" / "results" / f"gpu_check_{name.split()[-1] if ' ' in name else name}.md")
+    t0, checks, speed, aug = time.perf_counter(), [], {}, None
+    left = lambda: time.perf_counter() - t0 < args.budget  # noqa: E731
+
+    def write():  # after every script: a run stopped by a time limit still leaves its table
+        lines = [*extra, f"- wall time of this check: {time.perf_counter() - t0:.0f} s"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report(args, checks, speed, aug, name, lines))
+        data = {"checks": checks, "speed": speed, "augment": aug, "command": " ".join(sys.argv)}
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = str(Path(tmp) / "data")
+        make_fake_dataset("cifar10", data_dir, n_train=2000, n_test=200)
+        if not args.no_checks:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            for script in args.scripts:
+                if not left():
+                    checks.append({"script": script, "step_syncs": [], "ok": False, "error": "skipped (--budget)"})
+                    continue
+                checks.append(check(script, data_dir, Path(tmp) / "check" / script, args.tolerance))
+                print(f"check {script}: {checks[-1]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+                write()
+            torch.use_deterministic_algorithms(False)
+        if not args.no_speed:
+            cfg = dict(batch_size=None, mu=None, depth=28, width=2, steps=args.steps, log_every=args.log_every)
+            cfg.update(amp=None, compile=False, num_labels=250)
+            for variant, (flags, only) in VARIANTS.items():  # every script eager, then every script graphed, ...
+                for script in args.scripts:
+                    if only is not None and script not in only:
+                        continue
+                    if not left():
+                        speed.setdefault(script, {})[variant] = "skipped"
+                        continue
+                    try:
+                        row = measure_script(
+                            script,
+                            cfg,
+                            data_dir,
+                            Path(tmp) / "speed",
+                            torch.device("cuda"),
+                            extra=flags,
+                            count_flops=variant == "eager" and not args.no_flops,
+                        )
+                    except Exception as e:  # reported in the table; the other runs still go
+                        row = f"failed ({type(e).__name__})"
+                        print(f"speed {script} {variant}: {e}", file=sys.stderr, flush=True)
+                    common._apply_strong = common._strong_ops  # --compile-augment changed it for this process
+                    speed.setdefault(script, {})[variant] = row
+                    rate = row["steps_per_s"] if isinstance(row, dict) else row
+                    print(f"speed {script} {variant}: {rate} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+                    write()
+            if left():
+                aug = augment_speed()
+    write()
+    print(out.read_text())
+    sys.exit(0 if checks and all(c.get("ok") for c in checks) or args.no_checks else 1)
+
+
+if __name__ == "__main__":
+    main()
