@@ -396,6 +396,8 @@ if __name__ == "__main__":
         try:  # modules, optimizers, schedulers and scalers load their state dict; the method's tensors are copied
             for k, v in state.items():
                 v.load_state_dict(ckpt[k]) if hasattr(v, "load_state_dict") else v.copy_(ckpt[k])
+            for g in (g for v in state.values() if isinstance(v, torch.optim.Optimizer) for g in v.param_groups):
+                g["lr"] = torch.as_tensor(g["lr"], device=device)  # a float in checkpoints older than the tensor lr
             start_step, best_acc = ckpt["step"], ckpt["best_acc"]
             torch.set_rng_state(ckpt["rng_cpu"][rank].cpu())
             if device.type == "cuda":

@@ -6,6 +6,7 @@ capture-time value), it has no host sync, and the graph-ready template step is t
 import ast
 import copy
 import math
+import shutil
 from unittest import mock
 
 import pytest
@@ -114,6 +115,22 @@ def test_the_graph_ready_template_step_is_the_eager_recipe(data_dir, tmp_path):
     assert len(saved) == len(momentum) and all(
         torch.equal(saved[i]["momentum_buffer"], m) for i, m in enumerate(momentum)
     )
+
+
+def test_a_checkpoint_with_float_lrs_resumes_with_tensor_lrs(data_dir, tmp_path):
+    """Checkpoints older than the tensor lr hold floats in the optimizer's groups (a graph would capture a float as a
+    constant): a resume makes them device tensors again and continues as from a new checkpoint, bit for bit."""
+    args = [*TINY, "--data-dir", data_dir]
+    run_inprocess("supervised.py", *args, "--total-steps", 5, "--run-dir", tmp_path / "new")
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    ckpt = torch.load(tmp_path / "old" / "checkpoint.pt", weights_only=True)
+    for g in ckpt["optimizer"]["param_groups"]:
+        g["lr"] = g["lr"].item()
+    torch.save(ckpt, tmp_path / "old" / "checkpoint.pt")
+    run_inprocess("supervised.py", "--resume", tmp_path / "new", "--total-steps", 8)
+    g = run_inprocess("supervised.py", "--resume", tmp_path / "old", "--total-steps", 8)
+    assert all(isinstance(group["lr"], torch.Tensor) for group in g["optimizer"].param_groups)
+    assert same_run(tmp_path / "new", tmp_path / "old")
 
 
 def test_the_compiled_strong_augment_is_one_graph_and_the_eager_images():
