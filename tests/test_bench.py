@@ -296,10 +296,11 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
         ("throughput.py", ["--steps", 3, "--log-every", 2]),
         ("convergence.py", ["--scripts", "nope"]),
         ("convergence.py", ["--total-steps", 0]),
+        pytest.param("gpu_check.py", [], marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tool, args, tmp_path):
-    proc = bench(tool, *args, "--out" if tool == "throughput.py" else "--out-dir", tmp_path / "out", timeout=120)
+    proc = bench(tool, *args, "--out-dir" if tool == "convergence.py" else "--out", tmp_path / "out", timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"{tool}: error: ")
     assert not (tmp_path / "out").exists()
