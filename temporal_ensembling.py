@@ -175,7 +175,7 @@ def parse_args(argv=None):
         fail("--device cuda, but CUDA is not available here: use --device cpu")
     if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: SyncBatchNorm has no CPU kernel
         fail("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only): drop --sync-bn")
-    if args.cuda_graph and (not args.device.startswith("cuda") or args.amp == "fp16"):
+    if args.cuda_graph and (not args.device.startswith("cuda") or args.amp == "fp16"):  # CUDA GRAPH
         fail("--cuda-graph needs --device cuda and --amp bf16 or none (fp16's loss scaling syncs with the host)")
     if args.compile_augment and not args.device.startswith("cuda"):
         fail("--compile-augment is for --device cuda (on the CPU the eager augmentations are the faster)")
@@ -360,7 +360,8 @@ if __name__ == "__main__":
     if ckpt is not None and ckpt.get("data", sizes) != sizes:
         fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, now {sizes})")
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none", cache_enabled=False)  # graphs
+    # CUDA GRAPH: no autocast cache (a cached cast would outlive a capture)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none", cache_enabled=False)
     prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
 
     # ALGO LOGIC: the network
@@ -375,7 +376,7 @@ if __name__ == "__main__":
     train_model = torch.nn.parallel.DistributedDataParallel(train_model) if world > 1 else train_model  # DISTRIBUTED
     decay, no_decay = [p for p in model.parameters() if p.ndim > 1], [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    for g in groups:  # the lr a device tensor (a CUDA graph reads it); the schedule's base a float (no host sync)
+    for g in groups:  # CUDA GRAPH: the lr a device tensor (a replay reads it), the schedule's base a float (no sync)
         g.update(lr=torch.tensor(args.lr, device=device), initial_lr=args.lr)
     optimizer = torch.optim.SGD(groups, momentum=args.momentum, nesterov=True, fused=device.type == "cuda")
     cosine = lambda k: math.cos(7 * math.pi * k / (16 * args.total_steps))
@@ -397,7 +398,7 @@ if __name__ == "__main__":
             for k, v in state.items():
                 v.load_state_dict(ckpt[k]) if hasattr(v, "load_state_dict") else v.copy_(ckpt[k])
             for g in (g for v in state.values() if isinstance(v, torch.optim.Optimizer) for g in v.param_groups):
-                g["lr"] = torch.as_tensor(g["lr"], device=device)  # a float in checkpoints older than the tensor lr
+                g["lr"] = torch.as_tensor(g["lr"], device=device)  # CUDA GRAPH: older checkpoints hold a float
             start_step, best_acc = ckpt["step"], ckpt["best_acc"]
             torch.set_rng_state(ckpt["rng_cpu"][rank].cpu())
             if device.type == "cuda":
@@ -466,7 +467,7 @@ if __name__ == "__main__":
         torch._foreach_add_([running[k] for k in stats], [v.detach().float() for v in stats.values()])
 
     # TRY NOT TO MODIFY: the loop: this step's numbers, the step (eager, or replayed from its CUDA graph), the schedules
-    train_step = cuda_graph(train_step) if args.cuda_graph else train_step
+    train_step = cuda_graph(train_step) if args.cuda_graph else train_step  # CUDA GRAPH
     params = sum(p.numel() for p in model.parameters())
     wrn = f"WRN-{args.depth}-{args.width} {params:,} params"
     print(f"{METHOD} | {args.dataset} {args.num_labels} labels | {wrn} | {device} amp={args.amp} | {run_dir}")
@@ -491,7 +492,7 @@ if __name__ == "__main__":
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)
             its, lr = (step - step_last) / (time.perf_counter() - t_last), float(scheduler.get_last_lr()[0])
-            torch._foreach_zero_(list(running.values()))  # in place: a CUDA graph adds into these tensors
+            torch._foreach_zero_(list(running.values()))  # CUDA GRAPH: in place, the graph adds into these tensors
             if rank == 0:  # DISTRIBUTED
                 log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
             text = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())

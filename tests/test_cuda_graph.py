@@ -61,8 +61,9 @@ def step_functions(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_step_has_no_host_sync_and_no_python_schedule(script):
-    """No call inside a step reads a tensor to the host (.item, .tolist, float(t)) or runs a schedule's Python (a
-    scheduler's step or get_last_lr): under a graph those would sync, or run once at capture only."""
+    """No call inside a step reads a tensor to the host (.item, .tolist, float(t)), runs a schedule's Python (a
+    scheduler's step or get_last_lr) or draws from a host RNG: under a graph those would sync, or run once at capture
+    only (a replay draws from torch's CUDA generator alone)."""
     steps = step_functions(script)
     assert steps, f"{script}: no train_step"
     for fn in steps:
@@ -71,6 +72,7 @@ def test_the_step_has_no_host_sync_and_no_python_schedule(script):
                 call = ast.unparse(node.func)
                 assert call not in ("float", "int", "bool"), (script, call)  # a tensor to a Python number
                 assert call.split(".")[-1] not in ("item", "tolist", "cpu", "numpy", "get_last_lr"), (script, call)
+                assert not call.startswith(("random.", "np.random", "numpy.random")), (script, call)  # host RNG
                 assert not (call.endswith(".step") and "scheduler" in call), (script, call)
 
 
