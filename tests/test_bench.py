@@ -304,3 +304,24 @@ def test_bad_input_is_one_line_exit_2(tool, args, tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"{tool}: error: ")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ gpu_check
+def test_gpu_check_compares_and_resumes_on_the_cpu(tmp_path):
+    """bench/gpu_check.py's own machinery, which a lent GPU runs once: its comparison and its resume check, run on
+    the CPU eager against eager (the graph needs CUDA). Two runs of the same seed are equal bit for bit and the
+    resume from the step-8 checkpoint is exact; a run of another seed is caught; the report is written."""
+    from unittest import mock
+
+    import gpu_check
+    from fakedata import make_fake_dataset
+
+    data = str(tmp_path / "data")
+    make_fake_dataset("cifar10", data, n_train=300, n_test=40)
+    same = gpu_check.check("supervised.py", data, tmp_path / "same", 1e-2, device="cpu", graph=())
+    assert same["ok"] and same["bitwise"] and same["resume"]["bitwise"] and same["rng_equal"], same
+    other = gpu_check.check("pi_model.py", data, tmp_path / "other", 1e-2, device="cpu", graph=("--seed", "1"))
+    assert not other["ok"] and other["tensor_diff"] > 1e-2, other
+    with mock.patch.object(gpu_check, "machine_lines", lambda device: ["- a CPU"]):
+        text = gpu_check.report(mock.Mock(steps=60, log_every=20), [same, other], {}, None, "CPU", [])
+    assert "| `supervised.py` | yes | yes |" in text and "| `pi_model.py` | FAILED |" in text
