@@ -8,12 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import types
 from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from scripts import flat  # noqa: F401  (the tests import it from here)
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import common
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = (  # a tiny network on fake Fashion-MNIST, on the CPU
@@ -98,10 +104,81 @@ def run_keeping_step(script, *args):
     return {**g, **step}
 
 
-def frozen_replay(step_fn, warmup=3):
+aten = torch.ops.aten
+# aten ops that make the host wait for the GPU on CUDA (a value, or an output size that depends on values, is read
+# back): inside a stream capture they fail it. Boolean-mask indexing (nonzero inside) is checked apart.
+CUDA_SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero, aten.equal}
+CUDA_SYNC_OPS |= {aten.bincount, aten._unique, aten._unique2, aten.unique_dim, aten.unique_consecutive, aten.argwhere}
+HOST_DATA_OPS = {aten.lift_fresh, aten.lift_fresh_copy}  # torch.tensor(data): a constant frozen at the capture
+INDEX_OPS = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
+TORCH_DIR = str(Path(torch.__file__).parent)
+SGD_FILE = str(Path("torch", "optim", "sgd.py"))
+
+
+def cpu_only_read(func, args, kwargs):
+    """F.one_hot with num_classes given checks the range of its input with min().item() and max().item() on the
+    CPU, with a device-side assert on CUDA."""
+    return func is F.one_hot and (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) >= 0
+
+
+class CaptureHazards(TorchFunctionMode):
+    """While active, `found` collects "file:line op" for each aten op that would sync with the host on CUDA or bake
+    host data into a CUDA graph, with the innermost line outside torch (and this file) that ran it. Left out, as
+    reads the CPU alone makes: cpu_only_read's calls, and torch/optim/sgd.py's (on the CPU the foreach SGD reads its
+    tensor lr to the host; on CUDA the scripts take the fused SGD, whose kernel takes the tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found, self.exempt, self.ops = [], 0, _HazardOps(self)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        exempt = cpu_only_read(func, args, kwargs)
+        self.exempt += exempt
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.exempt -= exempt
+
+    def __enter__(self):
+        self.ops.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.ops.__exit__(*exc)
+
+
+class _HazardOps(TorchDispatchMode):
+    def __init__(self, hazards):
+        super().__init__()
+        self.hazards = hazards
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = func.overloadpacket
+        hazard = op in CUDA_SYNC_OPS or op in HOST_DATA_OPS
+        hazard |= (
+            op is aten.repeat_interleave
+            and func is not aten.repeat_interleave.self_int
+            and not kwargs.get("output_size")
+        )
+        if op in INDEX_OPS:
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            hazard |= any(i is not None and i.dtype == torch.bool for i in indices)
+        if hazard and not self.hazards.exempt:
+            stack = traceback.extract_stack()[:-1]
+            if not any(f.filename.endswith(SGD_FILE) for f in stack):
+                line = [f for f in stack if not f.filename.startswith(TORCH_DIR) and f.filename != __file__][-1]
+                self.hazards.found.append(f"{Path(line.filename).name}:{line.lineno} {op.__name__}")
+        return func(*args, **kwargs)
+
+
+def frozen_replay(step_fn, captured, warmup=3):
     """A CPU stand-in for the scripts' cuda_graph(): after `warmup` eager calls, step_fn runs with its Python globals
     frozen as they were at that call, as a CUDA graph replays one call's kernels. Tensors and modules are the same
-    objects (in-place updates show), but a Python number read inside the step keeps its capture-time value."""
+    objects (in-place updates show), but a Python number read inside the step keeps its capture-time value. The
+    call a graph would capture runs under CaptureHazards: captured[step_fn's name] = what it found."""
     calls, frozen = 0, None
 
     def run():
@@ -109,7 +186,11 @@ def frozen_replay(step_fn, warmup=3):
         if calls == warmup:
             code, names = step_fn.__code__, dict(step_fn.__globals__)
             frozen = types.FunctionType(code, names, step_fn.__name__, step_fn.__defaults__, step_fn.__closure__)
-        (frozen or step_fn)()
+            with CaptureHazards() as hazards:
+                frozen()
+            captured[step_fn.__name__] = hazards.found
+        else:
+            (frozen or step_fn)()
         calls += 1
 
     return run
@@ -117,7 +198,9 @@ def frozen_replay(step_fn, warmup=3):
 
 def run_frozen_replay(script, *args):
     """The script in this process with --cuda-graph emulated on the CPU by frozen_replay; returns its globals. The
-    source is edited (each edit checked): the CUDA-only check of --cuda-graph off, the flag on, cuda_graph replaced."""
+    source is edited (each edit checked): the CUDA-only check of --cuda-graph off, the flag on, cuda_graph replaced.
+    The strong augmentation takes the GPU's colour-op path (the same bytes; the CPU's reads op codes to the host).
+    Under "captured": {name of each step function captured: the hazards found in its capture call}."""
     path = ROOT / script
     source = path.read_text()
     for old, new in [
@@ -127,15 +210,17 @@ def run_frozen_replay(script, *args):
     ]:
         assert old in source, f"{script}: no {old!r}"
         source = source.replace(old, new)
-    scope = {"__name__": "__main__", "__file__": str(path), "cuda_graph": frozen_replay}
+    captured = {}
+    scope = {"__name__": "__main__", "__file__": str(path), "cuda_graph": lambda fn: frozen_replay(fn, captured)}
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with mock.patch.object(sys, "argv", [script, *map(str, args)]):
-            exec(compile(source, str(path), "exec"), scope)
+            with mock.patch.object(common, "_colour_op", common._colour_op_no_sync):
+                exec(compile(source, str(path), "exec"), scope)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    return scope
+    return {**scope, "captured": captured}
 
 
 def rows(run_dir):

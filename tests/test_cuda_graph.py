@@ -27,14 +27,20 @@ def same_run(a, b):
     return differ == [] and rows(a) == rows(b)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_replaying_the_step_with_frozen_python_values_changes_nothing(script, data_dir, tmp_path):
+REPLAYED = [(script, (), ["train_step"]) for script in SCRIPTS]
+REPLAYED.append(("mpl.py", ("--finetune-steps", 4), ["train_step", "finetune_step"]))  # a graph for each phase
+
+
+@pytest.mark.parametrize("script, extra, steps", REPLAYED)
+def test_replaying_the_step_with_frozen_python_values_changes_nothing(script, extra, steps, data_dir, tmp_path):
     """A replay emulated on the CPU (the step's Python globals frozen after 3 eager calls) equals the eager run:
-    nothing the step reads from Python changes between steps."""
-    args = [*TINY, *STEPS, "--data-dir", data_dir]
+    nothing the step reads from Python changes between steps. And the call a graph would capture runs no op that
+    syncs on CUDA (a read-back value or a value-dependent size) and builds no tensor from host data."""
+    args = [*TINY, *STEPS, *extra, "--data-dir", data_dir]
     run_inprocess(script, *args, "--run-dir", tmp_path / "eager")
-    run_frozen_replay(script, *args, "--run-dir", tmp_path / "replay")
+    g = run_frozen_replay(script, *args, "--run-dir", tmp_path / "replay")
     assert same_run(tmp_path / "eager", tmp_path / "replay")
+    assert g["captured"] == {step: [] for step in steps}
 
 
 def test_the_emulation_catches_a_step_that_reads_the_step_number(data_dir, tmp_path):
@@ -50,6 +56,23 @@ def test_the_emulation_catches_a_step_that_reads_the_step_number(data_dir, tmp_p
     run_inprocess(tmp_path / "reads_step.py", *args, "--run-dir", tmp_path / "eager")
     run_frozen_replay(tmp_path / "reads_step.py", *args, "--run-dir", tmp_path / "replay")
     assert not same_run(tmp_path / "eager", tmp_path / "replay")
+
+
+def test_the_emulation_catches_a_step_that_syncs(data_dir, tmp_path):
+    """The hazard check above can fail: a boolean mask (nonzero on CUDA), a Python number read from a tensor, a
+    tensor made from host data and a one_hot that reads its number of classes from the labels, put in supervised.py's
+    step, are each found at their line; a one_hot given its number of classes (no read on CUDA) is not."""
+    source = (ROOT / "supervised.py").read_text()
+    call = "        ema_update(ema_model, model, ema_weight)\n"
+    assert call in source
+    hazards = "        _ = y_l[y_l > 0], float(y_l.sum()), torch.tensor([1.0]), F.one_hot(y_l), F.one_hot(y_l, 10)\n"
+    source = source.replace(call, hazards + call)
+    line = source.splitlines().index(hazards.rstrip("\n")) + 1
+    (tmp_path / "syncs.py").write_text(source)
+    args = [*TINY, *STEPS, "--data-dir", data_dir, "--total-steps", 4]
+    g = run_frozen_replay(tmp_path / "syncs.py", *args, "--run-dir", tmp_path / "replay")
+    found = ["index", "_local_scalar_dense", "lift_fresh", "_local_scalar_dense", "_local_scalar_dense"]
+    assert g["captured"] == {"train_step": [f"syncs.py:{line} {op}" for op in found]}
 
 
 def step_functions(script):
