@@ -325,3 +325,50 @@ def test_gpu_check_compares_and_resumes_on_the_cpu(tmp_path):
     with mock.patch.object(gpu_check, "machine_lines", lambda device: ["- a CPU"]):
         text = gpu_check.report(mock.Mock(steps=60, log_every=20), [same, other], {}, None, "CPU", [])
     assert "| `supervised.py` | yes | yes |" in text and "| `pi_model.py` | FAILED |" in text
+
+
+def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, monkeypatch):
+    """bench/gpu_check.py's main() with the CUDA runs replaced by stand-ins that take 10 s of a fake clock each: the
+    checks, then supervised, UDA and FlexMatch in every variant, then strong_augment alone, then the other scripts;
+    nothing starts after --budget (the table says skipped), and the table and its json are written."""
+    import gpu_check
+
+    clock, started = [0.0], []
+
+    def run(name):
+        started.append(name)
+        clock[0] += 10
+        return {"steps_per_s": 100.0, "mfu": 0.1, "gflop_per_step": 1.0}
+
+    def check(script, *args):
+        return {"script": script, "step_syncs": [], "ok": True, "bitwise": True, "tensor_diff": 0.0, "worst": None}
+
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "gpu_lines", lambda: ("GPU", []))
+    monkeypatch.setattr(gpu_check, "machine_lines", lambda device: ["- a stand-in"])
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(gpu_check, "check", lambda *a, **k: {**check(*a), "row_diff": 0.0, "rng_equal": True})
+    monkeypatch.setattr(gpu_check, "measure_script", lambda script, *a, extra=(), **k: run((script, *extra)))
+    monkeypatch.setattr(gpu_check, "augment_speed", lambda: {**run("augment"), "error": "stand-in"})
+    out = tmp_path / "check.md"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--budget", "105", "--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main()
+    assert stop.value.code == 0  # every check passed
+    g, a, c = "--cuda-graph", "--compile-augment", "--compile"
+    assert started == [
+        ("supervised.py",),
+        ("uda.py",),
+        ("flexmatch.py",),
+        ("supervised.py", g),
+        ("uda.py", g),
+        ("flexmatch.py", g),
+        ("uda.py", g, a),
+        ("flexmatch.py", g, a),
+        ("supervised.py", g, a, c),
+        ("uda.py", g, a, c),
+        "augment",  # starts at 100 s, before the budget of 105 s; nothing after it
+    ]
+    text = out.read_text()
+    assert "| `pi_model.py` | skipped | skipped | - | - |" in text and "FAILED: stand-in" in text
+    assert json.loads(out.with_suffix(".json").read_text())["speed"]["uda.py"]["graph"]["steps_per_s"] == 100.0
