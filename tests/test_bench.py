@@ -340,14 +340,15 @@ def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, mon
         clock[0] += 10
         return {"steps_per_s": 100.0, "mfu": 0.1, "gflop_per_step": 1.0}
 
-    def check(script, *args):
-        return {"script": script, "step_syncs": [], "ok": True, "bitwise": True, "tensor_diff": 0.0, "worst": None}
+    def check(script, *args, **kwargs):
+        equal = {"ok": True, "bitwise": True, "tensor_diff": 0.0, "worst": None, "row_diff": 0.0, "rng_equal": True}
+        return {"script": script, "step_syncs": [], **equal}
 
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_check, "gpu_lines", lambda: ("GPU", []))
     monkeypatch.setattr(gpu_check, "machine_lines", lambda device: ["- a stand-in"])
     monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(gpu_check, "check", lambda *a, **k: {**check(*a), "row_diff": 0.0, "rng_equal": True})
+    monkeypatch.setattr(gpu_check, "check", check)
     monkeypatch.setattr(gpu_check, "measure_script", lambda script, *a, extra=(), **k: run((script, *extra)))
     monkeypatch.setattr(gpu_check, "augment_speed", lambda: {**run("augment"), "error": "stand-in"})
     out = tmp_path / "check.md"
