@@ -424,23 +424,12 @@ def _rand_augment(x, ops, magnitudes):
     geometric ops as one warp, then the colour ops slot by slot."""
     n, _, h, w = x.shape
     matrix = torch.eye(3, device=x.device).expand(n, 3, 3)
-    for op, magnitude in zip(ops, magnitudes, strict=True):  # output->input maps: compose rightwards
-        matrix = _compose(matrix, _op_matrix(op, magnitude, h, w))
+    for slot in _op_matrix(ops, magnitudes, h, w):  # (num_ops, N, 3, 3); output->input maps: compose rightwards
+        matrix = _compose(matrix, slot)
     x = _affine(x, matrix, _GEOMETRIC_FILL)
     for op, magnitude in zip(ops, magnitudes, strict=True):
         x = _colour_op(x, op, magnitude)
     return x
-
-
-def _op_matrix(op, magnitude, h, w):
-    """(N, 3, 3) matrices of one RandAugment slot: each image's geometric op, else identity."""
-
-    def pick(name):
-        return torch.where(op == _OP[name], magnitude, 0.0)
-
-    rotate = _rotate_matrix(pick("rotate"), h, w)
-    shear = _shear_matrix(pick("shear_x"), pick("shear_y"))
-    return _compose(_compose(rotate, shear), _translate_matrix(pick("translate_x") * w, pick("translate_y") * h))
 
 
 def _colour_op(x, op, magnitude):
@@ -460,10 +449,11 @@ def _colour_op_no_sync(x, op, magnitude):
     """_colour_op without a host sync (for GPUs): every op on every image, then a per-image pick."""
     # The four ImageEnhance ops are one blend with different degenerate images; blending with degenerate = x
     # (all other ops) returns x exactly.
+    grey = _grey(x)
     degenerate = _pick(
         op,
         x,
-        {"brightness": torch.zeros_like(x), "color": _grey(x), "contrast": _grey_mean(x), "sharpness": _smooth(x)},
+        {"brightness": torch.zeros_like(x), "color": grey, "contrast": _grey_mean(grey), "sharpness": _smooth(x)},
     )
     return _pick(
         op,
@@ -507,11 +497,11 @@ def _grey(x):
     return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16).unsqueeze(1).to(torch.uint8)
 
 
-def _grey_mean(x):
-    """ImageEnhance.Contrast's degenerate grey level int(mean(L) + 0.5), as (N, 1, 1, 1) uint8
-    (integer arithmetic, so exact)."""
-    pixels = x.shape[2] * x.shape[3]
-    total = _grey(x).sum((1, 2, 3), dtype=torch.int64, keepdim=True)
+def _grey_mean(grey):
+    """ImageEnhance.Contrast's degenerate grey level int(mean(L) + 0.5) of grey images L = _grey(x),
+    as (N, 1, 1, 1) uint8 (integer arithmetic, so exact)."""
+    pixels = grey.shape[2] * grey.shape[3]
+    total = grey.sum((1, 2, 3), dtype=torch.int64, keepdim=True)
     return torch.div(2 * total + pixels, 2 * pixels, rounding_mode="floor").to(torch.uint8)
 
 
@@ -558,7 +548,7 @@ def _equalize(x):
 _COLOUR_OPS = {  # name -> op(x, magnitudes) per image, as PIL's: the CPU path computes each on its images only
     "brightness": lambda x, m: _blend(x, torch.zeros_like(x), m),  # ImageEnhance.Brightness
     "color": lambda x, m: _blend(x, _grey(x), m),  # ImageEnhance.Color (the identity on 1-channel images)
-    "contrast": lambda x, m: _blend(x, _grey_mean(x), m),  # ImageEnhance.Contrast
+    "contrast": lambda x, m: _blend(x, _grey_mean(_grey(x)), m),  # ImageEnhance.Contrast
     "sharpness": lambda x, m: _blend(x, _smooth(x), m),  # ImageEnhance.Sharpness
     "autocontrast": lambda x, m: _autocontrast(x),
     "equalize": lambda x, m: _equalize(x),
@@ -570,39 +560,37 @@ _COLOUR_OPS = {  # name -> op(x, magnitudes) per image, as PIL's: the CPU path c
 # --- geometric ops --------------------------------------------------------------------------------
 # A matrix maps output pixel coordinates to input ones, like the data (a, b, c, d, e, f) of PIL's
 # img.transform(size, Image.AFFINE, data): (x, y) -> (a x + b y + c, d x + e y + f), with pixel
-# centres at +0.5. Matrices are (N, 3, 3) with last row (0, 0, 1), so they compose by products.
+# centres at +0.5. Matrices are (..., 3, 3) with last row (0, 0, 1), so they compose by products.
 # No matmul here: with TF32 allowed (torch.set_float32_matmul_precision("high")) a GPU rounds its
 # inputs to 10 mantissa bits, which would move sample points by up to ~0.05 pixel.
 
 
 def _compose(a, b):
-    """a @ b for (N, 3, 3) matrices, in full float32 precision (broadcast product and sum)."""
+    """a @ b for (..., 3, 3) matrices, in full float32 precision (broadcast product and sum)."""
     return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
 
 
-def _matrix(a, b, c, d, e, f):
-    """(N, 3, 3) matrices from PIL affine data; each entry a tensor (N,) or a number."""
-    like = next(v for v in (a, b, c, d, e, f) if torch.is_tensor(v))
-    entries = [v if torch.is_tensor(v) else torch.full_like(like, v) for v in (a, b, c, d, e, f, 0, 0, 1)]
-    return torch.stack(entries, -1).view(-1, 3, 3)
+def _op_matrix(op, magnitude, h, w):
+    """Each image's geometric op as a matrix, the identity for the other ops (op codes and magnitudes of
+    any shape S give (*S, 3, 3)). As PIL data:
+    - img.rotate(degrees), counter-clockwise about the image centre (cx, cy):
+      (cos, -sin, cx - cos cx + sin cy, sin, cos, cy - sin cx - cos cy);
+    - TorchSSL's ShearX / ShearY: (1, shear_x, 0, shear_y, 1, 0);
+    - TorchSSL's TranslateX / TranslateY, tx = magnitude * width, ty = magnitude * height: (1, 0, tx, 0, 1, ty),
+      output pixel (x, y) shows input (x + tx, y + ty).
+    An image draws one op, so in the sums below the other two ops' terms are 0 (and cos 0 = 1): each entry is
+    exactly that op's, and equal bit for bit to the product of the three matrices."""
 
+    def pick(name):
+        return torch.where(op == _OP[name], magnitude, 0.0)
 
-def _rotate_matrix(degrees, h, w):
-    """img.rotate(degrees): counter-clockwise about the image centre."""
-    radians = degrees * (math.pi / 180)
+    radians = pick("rotate") * (math.pi / 180)
     cos, sin = radians.cos(), radians.sin()
     cx, cy = w / 2, h / 2
-    return _matrix(cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
-
-
-def _shear_matrix(shear_x, shear_y):
-    """PIL data (1, shear_x, 0, shear_y, 1, 0): TorchSSL's ShearX (shear_y = 0) or ShearY."""
-    return _matrix(1, shear_x, 0, shear_y, 1, 0)
-
-
-def _translate_matrix(tx, ty):
-    """PIL data (1, 0, tx, 0, 1, ty): output pixel (x, y) shows input (x + tx, y + ty); pixels."""
-    return _matrix(1, 0, tx, 0, 1, ty)
+    a, b, c = cos, pick("shear_x") - sin, cx - cos * cx + sin * cy + pick("translate_x") * w
+    d, e, f = sin + pick("shear_y"), cos, cy - sin * cx - cos * cy + pick("translate_y") * h
+    zero = torch.zeros_like(cos)
+    return torch.stack([a, b, c, d, e, f, zero, zero, zero + 1], -1).unflatten(-1, (3, 3))
 
 
 def _affine(x, matrix, fill):
