@@ -18,13 +18,13 @@ coefficient warms up with the number k of optimizer steps already taken:
     lambda_k = 2 (hi - lo) / (1 + exp(-alpha_R k / N)) - (hi - lo) + lo      (5) warm start
 The equation numbers are this file's (docs/dst.md); the formulas are those of the authors' code (tllib).
 
-Recipe: supervised.py's, with mu 7, tau 0.95, lambda 1, eta 0.3, eta' 2, hi 0.1, lo 0, alpha_R 1, N = K / 10, and
-the heads of the code behind DST's CIFAR-10 and SVHN numbers (tllib, branch dev-ssl, commit bb3e9af, projects/dst).
+Recipe: supervised.py's, with mu 7, tau 0.9, lambda 1, eta 0.3, eta' 2, hi 0.1, lo 0, alpha_R 1, N = K / 10 (on
+STL-10: tau 0.95, eta 0.1, eta' 1, N = 0.3 K), and the heads of the code behind DST's numbers: tllib, branch dev-ssl,
+commit bb3e9af, projects/dst, the commands of its dst.sh (its argparse defaults, tau 0.95, are not what it ran).
 
 Differs from that code:
     - log(1 - p) in (3) is exact (a difference of two logsumexp); tllib caps the term at -log(1e-6) = 13.8.
-    - N is a fraction of --total-steps (0.1), so that short runs warm up too; tllib: 100k of its 1M steps.
-    - tau 0.95 on every dataset; tllib's 4-GPU CIFAR-100 command uses 0.9.
+    - N is a fraction of --total-steps, so that short runs warm up too; tllib: 100k (STL-10: 300k) of its 1M steps.
     - No weight decay on the heads' BatchNorm1d weights (tllib decays them: their names do not contain "bn").
 Every choice and its reasons: docs/dst.md.
 
@@ -55,7 +55,23 @@ import common
 METHOD = Path(__file__).stem
 
 
-# ALGO LOGIC: DST's gradient reversal layer, its warm start, the worst-case loss (3), the network with three heads
+# ALGO LOGIC: DST's recipes, its gradient reversal layer, its warm start, the worst-case loss (3), the three heads
+# The values of the flags left unset, as the commands of tllib's dst.sh (bb3e9af): one recipe for CIFAR-10, CIFAR-100
+# and SVHN, and STL-10's own (tuned there, DST's README says). grl_warmup is N / K (tllib: 100k or 300k of 1M steps).
+RECIPES = {
+    "default": dict(threshold=0.9, worst_weight=0.3, eta_prime=2.0, grl_warmup=0.1),
+    "stl10": dict(threshold=0.95, worst_weight=0.1, eta_prime=1.0, grl_warmup=0.3),
+}
+
+
+def set_recipe(args):
+    """Fill the DST flags left at None with the recipe of args.dataset (a resumed run keeps those of its args.json)."""
+    for name, value in RECIPES.get(args.dataset, RECIPES["default"]).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 class GradReverse(torch.autograd.Function):
     """R in (3): the identity forward; backward multiplies the gradient by -coeff (a 0-dim tensor)."""
 
@@ -178,14 +194,14 @@ def parse_args(argv=None):
     p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate its checkpoint, write nothing")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
     # ALGO LOGIC: algorithm specific
-    p.add_argument("--threshold", type=unit, default=0.95, help="tau: the confidence that keeps a pseudo label")
+    p.add_argument("--threshold", type=unit, default=None, help="tau, a pseudo label's confidence: 0.9, 0.95 on stl10")
     p.add_argument("--pseudo-weight", type=nonnegative, default=1.0, help="lambda: the weight of the pseudo loss (2)")
-    p.add_argument("--worst-weight", type=nonnegative, default=0.3, help="eta: the weight of the worst-case loss (3)")
-    p.add_argument("--eta-prime", type=nonnegative, default=2.0, help="eta': the weight of (3)'s labeled term")
+    p.add_argument("--worst-weight", type=nonnegative, default=None, help="eta, the weight of (3): 0.3, 0.1 on stl10")
+    p.add_argument("--eta-prime", type=nonnegative, default=None, help="eta', (3)'s labeled weight: 2, 1 on stl10")
     p.add_argument("--grl-hi", type=nonnegative, default=0.1, help="final gradient reversal coefficient")
     p.add_argument("--grl-lo", type=nonnegative, default=0.0, help="initial gradient reversal coefficient")
     p.add_argument("--grl-alpha", type=nonnegative, default=1.0, help="alpha_R: the steepness of the warm start (5)")
-    p.add_argument("--grl-warmup", type=nonnegative, default=0.1, help="N, a fraction of --total-steps")
+    p.add_argument("--grl-warmup", type=nonnegative, default=None, help="N / --total-steps: 0.1, 0.3 on stl10")
     p.add_argument("--head-width", type=positive, default=None, help="the MLP heads' hidden width, default 2x psi's")
     heads = ["published", "first-release"]  # the code behind DST's numbers (tllib bb3e9af), its first release (f2740b1)
     p.add_argument("--heads", choices=heads, default="published", help="the MLP heads (docs/dst.md)")
@@ -408,7 +424,8 @@ if __name__ == "__main__":
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none", cache_enabled=False)
     prep = lambda x: common.normalize(x, info).contiguous(memory_format=torch.channels_last)  # uint8 -> network input
 
-    # ALGO LOGIC: the network
+    # ALGO LOGIC: the recipe of this dataset (before args.json is written), the network
+    set_recipe(args)
     heads = dict(head_width=args.head_width, heads=args.heads)  # DST's pseudo and worst-case heads
     model = DSTNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum, **heads)
     # TRY NOT TO MODIFY: EMA, optimizer (no weight decay on BatchNorm and biases), schedule; what a checkpoint holds
