@@ -113,16 +113,11 @@ def _torchvision_splits(name, root, download, svhn_extra=True):
         tr, te = cls(root, train=True, download=download), cls(root, train=False, download=download)
         hwc = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2)  # stored (N, H, W, C)
         return hwc(tr), torch.tensor(tr.targets), hwc(te), torch.tensor(te.targets), None
-    if name == "svhn":
-        tr, te = D.SVHN(root, "train", download=download), D.SVHN(root, "test", download=download)
-        extra = torch.from_numpy(D.SVHN(root, "extra", download=download).data) if svhn_extra else None
-        return (
-            torch.from_numpy(tr.data),
-            torch.from_numpy(tr.labels),
-            torch.from_numpy(te.data),
-            torch.from_numpy(te.labels),
-            extra,
-        )
+    if name == "svhn":  # the training set: train, or train + extra (with its labels)
+        splits = ("train", "extra") if svhn_extra else ("train",)
+        tr, te = [D.SVHN(root, s, download=download) for s in splits], D.SVHN(root, "test", download=download)
+        train_x, train_y = (torch.cat([torch.from_numpy(getattr(d, k)) for d in tr]) for k in ("data", "labels"))
+        return train_x, train_y, torch.from_numpy(te.data), torch.from_numpy(te.labels), None
     if name == "stl10":
         tr, te, un = (D.STL10(root, s, download=download) for s in ("train", "test", "unlabeled"))
         return (
@@ -154,9 +149,9 @@ def load_dataset(name, data_dir="./data", svhn_extra=True):
     """Load a dataset whole: uint8 images (N, C, H, W) and int64 labels as CPU tensors.
 
     Returns (train_x, train_y, test_x, test_y, extra_x); extra_x holds images that feed only the
-    unlabeled stream, or None: STL-10's 100k unlabeled split, and SVHN's 531k extra images unless
-    svhn_extra is False (TorchSSL and USB feed SVHN's train + extra, 604k images, to the unlabeled
-    stream; extra's labels are not used). Files missing from
+    unlabeled stream (STL-10's 100k unlabeled split), or None. SVHN's training set is train + extra
+    (73k + 531k labeled images) unless svhn_extra is False, as in TorchSSL, USB and FixMatch: the
+    labeled split is drawn from all 604k, and all of them feed the unlabeled stream. Files missing from
     data_dir are downloaded by torchvision; Fashion-MNIST is taken from Debian's package when that
     is installed. Raises FileNotFoundError with one line saying what to put where.
     """

@@ -96,7 +96,7 @@ def parse_args(argv=None):
     p.error = fail  # one line, without argparse's usage block
     p.add_argument("--dataset", default="cifar10", choices=[*common.DATASETS, common.FOLDER], help="folder: README")
     p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
-    p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True, help="svhn: extra is unlabeled")
+    p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True, help="svhn: train + extra")
     p.add_argument("--num-labels", type=positive, default=4000, help="labeled examples, class-balanced")
     p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
     p.add_argument("--total-steps", type=positive, default=2**20, help="optimizer steps K")

@@ -49,7 +49,7 @@ def _truth(name, n_train, n_test, n_unlabeled, seed):
         "test_y": _labels(rng, n_test, k),
     }
     t["unlabeled_x"] = _images(rng, n_unlabeled if name in ("stl10", "svhn") else 0, c, s)
-    if name == "svhn":  # SVHN's extra split has labels; the scripts use its images only
+    if name == "svhn":  # SVHN's extra split has labels (the scripts train on train + extra)
         t["unlabeled_y"] = _labels(rng, len(t["unlabeled_x"]), k)
     return t
 

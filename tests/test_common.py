@@ -2,6 +2,7 @@
 
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -41,9 +42,12 @@ def test_each_dataset_loads_exactly_through_torchvision(name, tmp_path, patched_
     info = common.DATASETS[name]
     assert train_x.dtype == torch.uint8 and train_y.dtype == torch.int64
     assert train_x.shape[1:] == (info.channels, info.size, info.size)
+    if name == "svhn":  # the training set is train + extra, labels included (TorchSSL, USB, FixMatch)
+        for k in ("x", "y"):
+            truth[f"train_{k}"] = np.concatenate([truth[f"train_{k}"], truth[f"unlabeled_{k}"]])
     for got, want in [(train_x, "train_x"), (train_y, "train_y"), (test_x, "test_x"), (test_y, "test_y")]:
         assert torch.equal(got, torch.from_numpy(truth[want])), want
-    if name in ("stl10", "svhn"):  # STL-10's unlabeled split, SVHN's extra split
+    if name == "stl10":  # STL-10's unlabeled split
         assert torch.equal(extra_x, torch.from_numpy(truth["unlabeled_x"]))
     else:
         assert extra_x is None
@@ -61,18 +65,21 @@ def test_ssl_data_on_device_and_unlabeled_stream(tmp_path, patched_integrity):
     assert torch.equal(x, data.x_unlabeled[idx]) and torch.equal(y, data.y_unlabeled[idx])
 
 
-def test_svhn_unlabeled_stream_is_train_plus_extra(tmp_path, patched_integrity, monkeypatch):
-    """TorchSSL / USB: SVHN's unlabeled stream is train + extra (extra's labels unused: -1);
-    svhn_extra=False leaves extra out, and without extra_32x32.mat the error names the flag."""
+def test_svhn_training_set_is_train_plus_extra(tmp_path, patched_integrity, monkeypatch):
+    """TorchSSL, USB and FixMatch: SVHN's training set is train + extra, with extra's labels; the labeled split is
+    drawn from all of it, and all of it feeds the unlabeled stream. svhn_extra=False: train alone. Without
+    extra_32x32.mat the error names the flag."""
     truth = make_fake_dataset("svhn", tmp_path, n_train=50, n_unlabeled=30)
+    x = torch.from_numpy(np.concatenate([truth["train_x"], truth["unlabeled_x"]]))
+    y = torch.from_numpy(np.concatenate([truth["train_y"], truth["unlabeled_y"]]))
     data = common.load_ssl_data("svhn", str(tmp_path), 20, seed=0, device="cpu")
-    assert len(data.x_unlabeled) == 80 and (data.y_unlabeled[50:] == -1).all()
-    assert torch.equal(data.x_unlabeled[:50], torch.from_numpy(truth["train_x"]))
-    assert torch.equal(data.x_unlabeled[50:], torch.from_numpy(truth["unlabeled_x"]))
-    assert torch.equal(data.y_unlabeled[:50], torch.from_numpy(truth["train_y"]))
+    assert torch.equal(data.x_unlabeled, x) and torch.equal(data.y_unlabeled, y)
+    assert torch.equal(data.labeled_idx, common.labeled_split(y, 20, 10, seed=0))
+    assert (data.labeled_idx >= 50).any()  # some labeled images come from extra
+    assert torch.equal(data.x_labeled, x[data.labeled_idx]) and torch.equal(data.y_labeled, y[data.labeled_idx])
     without = common.load_ssl_data("svhn", str(tmp_path), 20, seed=0, device="cpu", svhn_extra=False)
-    assert torch.equal(without.x_unlabeled, data.x_unlabeled[:50])
-    assert torch.equal(without.x_labeled, data.x_labeled)  # the labeled split does not depend on extra
+    assert torch.equal(without.x_unlabeled, x[:50]) and torch.equal(without.y_unlabeled, y[:50])
+    assert torch.equal(without.labeled_idx, common.labeled_split(y[:50], 20, 10, seed=0))
     (tmp_path / "extra_32x32.mat").unlink()
 
     def offline(*args, **kwargs):
