@@ -631,9 +631,10 @@ class _Block(nn.Module):
 
     As in FixMatch's TF original: the residual branch always sees the activated input, the shortcut
     sees the raw input, except with `activate_before_residual` (the first block of the network),
-    where both take the activated one. The PyTorch ports (kekmodel, TorchSSL, USB) feed the RAW
-    input to conv1 in the first block of groups 2 and 3, which leaves that block's bn1 unused; the
-    parameter count is the same either way."""
+    where both take the activated one. The PyTorch ports (kekmodel, TorchSSL, USB at 5d09751) feed the
+    RAW input to conv1 in the first block of groups 2 and 3, which leaves that block's bn1 unused; an
+    earlier USB (167842a) activates the input of every block that changes shape, for the shortcut too.
+    The parameter count is the same either way."""
 
     def __init__(self, c_in, c_out, stride, drop_rate, activate_before_residual, bn_momentum):
         super().__init__()
@@ -655,9 +656,10 @@ class _Block(nn.Module):
 
 class WideResNet(nn.Module):
     """WRN-depth-width (Zagoruyko & Komodakis 2016) as used by FixMatch, TorchSSL and USB: LeakyReLU
-    0.1, BatchNorm momentum 0.001 (PyTorch convention: 1 - TF's 0.999) and eps 0.001 (TorchSSL and
-    USB; kekmodel keeps PyTorch's 1e-5), kaiming-normal conv init (fan_out), xavier-normal fc init,
-    a bias on the stem conv only (TorchSSL and USB put one on every conv, kekmodel on none).
+    0.1, BatchNorm momentum 0.001 (PyTorch convention: 1 - TF's 0.999) and eps 0.001 (TorchSSL; USB at
+    5d09751 keeps PyTorch's 1e-5 in the blocks, 0.001 in the last BatchNorm; kekmodel 1e-5), kaiming-normal
+    conv init (fan_out), xavier-normal fc init, a bias on the stem conv only (as USB at 5d09751; TorchSSL and
+    an earlier USB, 167842a, put one on every conv, kekmodel on none).
     WRN-28-2, 10 classes: 1,467,626 parameters.
 
     `model(x)` gives logits; `model.features(x)` the pooled penultimate features (N, model.num_features)
