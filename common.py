@@ -662,35 +662,45 @@ class WideResNet(nn.Module):
     an earlier USB, 167842a, put one on every conv, kekmodel on none).
     WRN-28-2, 10 classes: 1,467,626 parameters.
 
+    Depth 6n+4: three groups of n blocks (16, 32, 64 times width channels), the first at stride 1. Depth 8n+5
+    (WRN-37-2, FixMatch's network for STL-10's 96 px images): TorchSSL's and USB's WideResNetVar, a fourth group
+    of 128 times width channels, and the first group at stride 2 too (their first_stride 2 on STL-10), so 96 px
+    end at 6 x 6.
+
     `model(x)` gives logits; `model.features(x)` the pooled penultimate features (N, model.num_features)
     and `model.fc` the classifier, for methods that add heads on the features (DST, MAXL).
     `drop_rate` is dropout inside the blocks, `fc_dropout` dropout before the classifier (MPL)."""
 
     def __init__(self, num_classes, depth=28, width=2, in_channels=3, bn_momentum=0.001, drop_rate=0.0, fc_dropout=0.0):
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, ...), got {depth}")
-        n = (depth - 4) // 6
-        channels = [16, 16 * width, 32 * width, 64 * width]
+        if depth >= 10 and (depth - 4) % 6 == 0:
+            groups, n, first_stride = 3, (depth - 4) // 6, 1
+        elif depth >= 13 and (depth - 5) % 8 == 0:
+            groups, n, first_stride = 4, (depth - 5) // 8, 2
+        else:
+            raise ValueError(
+                f"WideResNet depth must be 6n+4 (10, 16, 22, 28, ...) or 8n+5 (13, 21, 29, 37, ...), got {depth}"
+            )
+        channels = [16] + [16 * width * 2**g for g in range(groups)]
         self.conv1 = nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=True)  # the stem's bias, as TorchSSL / USB
         blocks = []
-        for g in range(3):
+        for g in range(groups):
             for i in range(n):
                 blocks.append(
                     _Block(
                         channels[g] if i == 0 else channels[g + 1],
                         channels[g + 1],
-                        (1 if g == 0 else 2) if i == 0 else 1,
+                        (first_stride if g == 0 else 2) if i == 0 else 1,
                         drop_rate,
                         g == 0 and i == 0,
                         bn_momentum,
                     )
                 )
         self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(channels[3], eps=0.001, momentum=bn_momentum)
-        self.num_features = channels[3]
+        self.bn = nn.BatchNorm2d(channels[-1], eps=0.001, momentum=bn_momentum)
+        self.num_features = channels[-1]
         self.fc_dropout = fc_dropout
-        self.fc = nn.Linear(channels[3], num_classes)
+        self.fc = nn.Linear(channels[-1], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")

@@ -115,7 +115,7 @@ positive = checked(int, lambda v: v > 0, "positive")
 nonnegative = checked(float, lambda v: 0 <= v < math.inf, ">= 0")
 unit = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 open_unit = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
-wrn_depth = checked(int, lambda v: v >= 10 and v % 6 == 4, "6n+4 (10, 16, 22, 28, ...)")
+wrn_depth = checked(int, lambda v: v >= 10 and v % 6 == 4 or v >= 13 and v % 8 == 5, "6n+4 (28) or 8n+5 (37)")
 
 
 def parse_args(argv=None):
@@ -137,7 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=nonnegative, default=None, help="default 5e-4, 1e-3 on cifar100")
     p.add_argument("--momentum", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="nesterov")
     p.add_argument("--ema-decay", type=unit, default=0.999, help="decay of the evaluated EMA model")
-    p.add_argument("--depth", type=wrn_depth, default=28, help="WideResNet depth")
+    p.add_argument("--depth", type=wrn_depth, default=None, help="WideResNet depth, default 28, 37 on stl10")
     p.add_argument("--width", type=positive, default=None, help="WideResNet width, default 2, 8 on cifar100")
     p.add_argument("--bn-momentum", type=open_unit, default=0.001, help="BatchNorm momentum (short runs need ~0.1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
@@ -186,6 +186,7 @@ def parse_args(argv=None):
     if args.weight_decay is None:
         args.weight_decay = 1e-3 if args.dataset == "cifar100" else 5e-4
     args.width = args.width or (8 if args.dataset == "cifar100" else 2)
+    args.depth = args.depth or (37 if args.dataset == "stl10" else 28)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{stamp}"

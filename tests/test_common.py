@@ -137,8 +137,28 @@ def test_wrn_features_and_head():
 def test_wrn_bn_momentum_and_bad_depth():
     model = common.WideResNet(10, depth=10, width=1, bn_momentum=0.1)
     assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
-    with pytest.raises(ValueError, match="6n\\+4"):
-        common.WideResNet(10, depth=12)
+    for depth in (12, 11, 5):
+        with pytest.raises(ValueError, match="6n\\+4 .* or 8n\\+5"):
+            common.WideResNet(10, depth=depth)
+
+
+def test_wrn_37_2_is_the_stl10_variant():
+    """Depth 8n+5: TorchSSL's and USB's WideResNetVar (FixMatch's WRN-37-2 for STL-10): four groups of 4 blocks,
+    16 to 256 channels, the first group at stride 2, so 96 px end at 6 x 6. The parameter count, summed here layer
+    by layer from USB's wrn_var_37_2 (a bias on the stem only), is 5,929,450."""
+
+    def block(c_in, c_out):  # bn1, conv1, bn2, conv2, and a 1x1 shortcut where the shape changes
+        return 2 * c_in + 9 * c_in * c_out + 2 * c_out + 9 * c_out * c_out + (c_in * c_out if c_in != c_out else 0)
+
+    channels = [16, 32, 64, 128, 256]
+    count = 3 * 16 * 9 + 16 + 2 * 256 + 256 * 10 + 10  # stem conv and bias, last BatchNorm, classifier
+    count += sum(block(channels[g] if i == 0 else channels[g + 1], channels[g + 1]) for g in range(4) for i in range(4))
+    model = common.WideResNet(10, depth=37, width=2).eval()
+    assert sum(p.numel() for p in model.parameters()) == count == 5_929_450
+    maps = []
+    model.blocks.register_forward_hook(lambda module, inputs, out: maps.append(out.shape))
+    assert model(torch.randn(2, 3, 96, 96)).shape == (2, 10) and maps == [(2, 256, 6, 6)]
+    assert model.num_features == 256
 
 
 def test_wrn_every_block_gets_gradient():

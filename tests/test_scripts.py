@@ -154,8 +154,8 @@ def test_short_run_evaluates_a_model_as_good_as_the_raw_one(digits_dir, tmp_path
 
 
 def test_svhn_extra_flag_reaches_the_unlabeled_stream(tmp_path, patched_integrity):
-    """--dataset svhn: train + extra feed the unlabeled stream by default (TorchSSL, USB); --no-svhn-extra: train
-    only."""
+    """--dataset svhn: train + extra is the training set by default (TorchSSL, USB), so it all feeds the unlabeled
+    stream; --no-svhn-extra: train only."""
     from fakedata import make_fake_dataset
 
     make_fake_dataset("svhn", tmp_path / "d", n_train=100, n_unlabeled=30)
@@ -165,3 +165,16 @@ def test_svhn_extra_flag_reaches_the_unlabeled_stream(tmp_path, patched_integrit
         len(run_inprocess("supervised.py", *args, "--no-svhn-extra", "--run-dir", tmp_path / "b")["data"].x_unlabeled)
         == 100
     )
+
+
+def test_the_network_follows_the_dataset_unless_given():
+    """WRN-28-2, WRN-28-8 on CIFAR-100 and WRN-37-2 on STL-10 (TorchSSL's and USB's WideResNetVar), as the
+    references; a --depth or --width given wins. The same template lines in every script."""
+    import supervised
+
+    def shape(*flags):
+        args = supervised.parse_args(["--run-dir", "unused", *flags])
+        return args.depth, args.width
+
+    assert shape() == (28, 2) and shape("--dataset", "cifar100") == (28, 8) and shape("--dataset", "stl10") == (37, 2)
+    assert shape("--dataset", "stl10", "--depth", "28") == (28, 2) and shape("--width", "1") == (28, 1)
