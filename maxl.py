@@ -422,6 +422,9 @@ if __name__ == "__main__":
     sizes = [len(data.x_unlabeled), len(data.x_test), info.num_classes]  # the data a resume must find again
     if ckpt is not None and ckpt.get("data", sizes) != sizes:
         fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, now {sizes})")
+    split = run_dir / "labeled_indices.json"  # and the same labeled images
+    if ckpt is not None and split.is_file() and json.loads(split.read_text()) != data.labeled_idx.tolist():
+        fail(f"--resume {run_dir}: that run had other labeled images ({split.name}): start a new run for these")
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
     # CUDA GRAPH: no autocast cache (a cached cast would outlive a capture)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "none", cache_enabled=False)

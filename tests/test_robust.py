@@ -197,6 +197,13 @@ def test_another_scripts_checkpoint_and_other_data_are_refused(script, runs, cap
     err = refused(capsys, script, "--resume", run_dir, "--total-steps", 20, "--data-dir", other_data)
     assert "other data" in err and "[200, 40, 10]" in err
     assert files(run_dir) == legacy and before["metrics.jsonl"] == legacy["metrics.jsonl"]
+    # the same data, but the run's labeled images are not those the split draws now (as when a dataset's pool of
+    # labeled images changed: SVHN's grew from train to train + extra)
+    split = run_dir / "labeled_indices.json"
+    split.write_text(json.dumps(json.loads(split.read_text())[1:] + [0]))
+    changed = files(run_dir)
+    assert "other labeled images" in refused(capsys, script, "--resume", run_dir, "--total-steps", 20)
+    assert files(run_dir) == changed
 
 
 @pytest.mark.parametrize("where", ["log", "save"])
