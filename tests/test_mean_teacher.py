@@ -1,21 +1,22 @@
-"""mean_teacher.py: gradient into the student and none into the teacher, the EMA's closed form, the
-teacher's own BatchNorm statistics."""
+"""mean_teacher.py: the consistency loss by hand, gradient into the student and none into the teacher, the EMA's
+closed form, the teacher's own BatchNorm statistics."""
 
 import copy
 
 import pytest
 import torch
-from scriptrun import TINY, rows, run_inprocess
+import torch.nn.functional as F
+from scriptrun import TINY, rows, run_keeping_step
 
 import common
 
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-    """Two 3-step runs in this process, identical but for the consistency weight."""
+    """Two 3-step runs in this process, identical but for the consistency weight (and the last step's locals)."""
     out = {}
     for w in (0, 100):
-        out[w] = run_inprocess(
+        out[w] = run_keeping_step(
             "mean_teacher.py",
             *TINY,
             "--data-dir",
@@ -30,6 +31,21 @@ def runs(data_dir, tmp_path_factory):
             tmp_path_factory.mktemp(f"mt{w}"),
         )
     return out
+
+
+def test_consistency_loss_by_hand(runs):
+    """Paper Eq. (1): w(t) 1/(C mu B) sum_i ||f(a(u_i); theta) - f(a'(u_i); theta')||^2, the teacher's side a constant;
+    the labeled cross-entropy; the total with w(t) = w_max (no ramp)."""
+    g = runs[100]
+    student, teacher = g["logits_u"].detach(), g["logits_u_teacher"]
+    assert not teacher.requires_grad and len(student) == len(g["x_u"])
+    squared = (student.softmax(1) - teacher.softmax(1)) ** 2
+    expected = squared.sum() / squared.numel()  # C mu B terms
+    assert g["loss_u"].item() == pytest.approx(expected.item(), rel=1e-5)
+    for wrong in (squared.sum(1).mean(), ((student - teacher) ** 2).mean()):  # summed over classes; on the logits
+        assert g["loss_u"].item() != pytest.approx(wrong.item(), rel=1e-3)
+    assert g["loss_x"].item() == pytest.approx(F.cross_entropy(g["logits_l"].detach(), g["y_l"]).item(), rel=1e-5)
+    assert g["loss"].item() == pytest.approx((g["loss_x"] + 100 * g["loss_u"]).item(), rel=1e-6)
 
 
 def test_consistency_gradient_reaches_the_student_only(runs):
