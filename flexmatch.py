@@ -71,9 +71,9 @@ def class_thresholds(selected_label, num_classes, tau, mapping="convex", warmup=
     No host sync."""
     counts = torch.zeros(num_classes + 1, dtype=torch.long, device=selected_label.device)
     counts.scatter_add_(0, selected_label + 1, torch.ones_like(selected_label))  # [unused, sigma(0), ..., sigma(C-1)]
-    sigma = counts[1:]
-    beta = sigma.float() / (counts.max() if warmup else sigma.max()).clamp(min=1)
-    return tau * MAPPINGS[mapping](beta)
+    sigma = counts[1:]  # Eq. (5)
+    beta = sigma.float() / (counts.max() if warmup else sigma.max()).clamp(min=1)  # Eq. (11); (6) without warm-up
+    return tau * MAPPINGS[mapping](beta)  # T(c) = tau M(beta(c))
 
 
 @torch.no_grad()
@@ -509,7 +509,7 @@ if __name__ == "__main__":
             sums = torch.stack(list(running.values()))
             if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
                 dist.all_reduce(sums)
-            sums = dict(zip(running, sums.tolist(), strict=True))  # the one host sync per log row
+            sums = dict(zip(running, sums.tolist(), strict=True))  # syncs at log rows only: here, the weights, the lr
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)

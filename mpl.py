@@ -14,7 +14,7 @@ and is measured on the same augmented labeled batch before and after that step:
     CE_old = CE(y, z_S(a(x); theta_S)),  CE_new = CE(y, z_S(a(x); theta_S'))                        (5)
     h_raw = CE_old - CE_new,  b <- d b + (1 - d) h_raw  (b_0 = 0),  h = h_raw - b                    (6)
     L_T_mpl = h * 1/(mu B) sum_i CE(yhat_i, z_T(a(u_i)))   h a constant                             (7)
-    L_T = L_T_sup + w_k L_T_uda + L_T_mpl,  w_k = lambda_u min(1, k / K_uda)                        (8)
+    L_T = L_T_sup + w_t L_T_uda + L_T_mpl,  w_t = lambda_u min(1, t / K_uda) at step t = 1..K        (8)
 The equation numbers are this file's. Why this sign of h: the teacher should minimise E_{yhat ~ T}[CE_l(theta_S')],
 the student's labeled loss after learning from yhat. By the score function, for any c independent of yhat,
 grad_T E[CE_l(theta_S')] = E[(CE_l(theta_S') - c) grad_T log p_T(yhat)]; with c = CE_old and grad_T log p_T(yhat)
@@ -436,7 +436,7 @@ if __name__ == "__main__":
     finetune_groups = [{"params": list(model.parameters()), "lr": torch.tensor(args.finetune_lr, device=device)}]
     finetune_optimizer = torch.optim.SGD(finetune_groups, weight_decay=0.0, **sgd)  # a constant lr: no schedule
     mpl_baseline = torch.zeros((), device=device)  # b of Eq. (6), updated in place (the checkpoint saves this tensor)
-    uda_w = torch.zeros((), device=device)  # w_k of Eq. (8), filled before each step
+    uda_w = torch.zeros((), device=device)  # w_t of Eq. (8), filled before each step
     state.update(scheduler=scheduler, teacher=teacher, teacher_optimizer=teacher_optimizer)
     state.update(teacher_scheduler=teacher_scheduler, teacher_scaler=teacher_scaler)
     state.update(finetune_optimizer=finetune_optimizer, mpl_baseline=mpl_baseline)
@@ -587,7 +587,7 @@ if __name__ == "__main__":
     for step in range(start_step + 1, args.total_steps + 1):
         ema_weight.fill_(1 - min(args.ema_decay, (1 + step) / (10 + step)))  # a fill: no host-to-device copy
         # ALGO LOGIC: this step's UDA weight; at the first finetuning step (of the run or of a resume), its own step
-        uda_w.fill_(args.uda_weight * (min(1.0, step / args.uda_steps) if args.uda_steps > 0 else 1.0))
+        uda_w.fill_(args.uda_weight * (min(1.0, step / args.uda_steps) if args.uda_steps > 0 else 1.0))  # Eq. (8)
         if step == max(mpl_steps, start_step) + 1:  # outside the step: Python that runs once, not in a graph
             if step == mpl_steps + 1:  # finetuning starts from the EMA student (a resume has it in the checkpoint)
                 model.load_state_dict(ema_model.state_dict())
@@ -618,7 +618,7 @@ if __name__ == "__main__":
             sums = torch.stack(list(running.values()))
             if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
                 dist.all_reduce(sums)
-            sums = dict(zip(running, sums.tolist(), strict=True))  # the one host sync per log row
+            sums = dict(zip(running, sums.tolist(), strict=True))  # syncs at log rows only: here, the weights, the lr
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)

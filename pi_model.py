@@ -52,7 +52,7 @@ METHOD = Path(__file__).stem
 def sigmoid_rampup(step, length):
     """exp(-5 (1 - T)^2) with T = step / length clipped to [0, 1]: Eq. (3)."""
     t = min(step / length, 1.0) if length > 0 else 1.0
-    return math.exp(-5.0 * (1.0 - t) ** 2)
+    return math.exp(-5.0 * (1.0 - t) ** 2)  # Eq. (3)
 
 
 # TRY NOT TO MODIFY: the arguments (generic, then the method's), resume, checks
@@ -458,7 +458,7 @@ if __name__ == "__main__":
             sums = torch.stack(list(running.values()))
             if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
                 dist.all_reduce(sums)
-            sums = dict(zip(running, sums.tolist(), strict=True))  # the one host sync per log row
+            sums = dict(zip(running, sums.tolist(), strict=True))  # syncs at log rows only: here, the weights, the lr
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)

@@ -6,7 +6,7 @@ With a labeled batch {(x_b, y_b)} of size B, an unlabeled batch {u_b} of size mu
 alpha(.) (flip and crop), q_b = p_m(y | alpha(u_b)) and y'_b = argmax(q_b) its hard label, a constant:
     L = 1/B sum_b CE(y_b, p_m(y | alpha(x_b)))
       + alpha(t) 1/(mu B) sum_b 1(max(q_b) >= tau) CE(y'_b, p_m(y | alpha(u_b)))     the paper's overall loss
-    alpha(t) = lambda_u min(1, t / (r K))                              the weight, a linear ramp from 0 to lambda_u
+    alpha(t) = lambda_u min(1, (t - 1) / (r K))   at step t = 1..K: the weight, a linear ramp from 0 to lambda_u
 The pseudo label and the prediction it trains come from the same forward of the same weak view: the loss pushes
 the prediction towards its own argmax (entropy minimisation, the paper's section 3). The unlabeled term
 averages over all mu B images, kept or not.
@@ -456,7 +456,7 @@ if __name__ == "__main__":
             sums = torch.stack(list(running.values()))
             if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
                 dist.all_reduce(sums)
-            sums = dict(zip(running, sums.tolist(), strict=True))  # the one host sync per log row
+            sums = dict(zip(running, sums.tolist(), strict=True))  # syncs at log rows only: here, the weights, the lr
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)

@@ -8,7 +8,8 @@ Loss, on a labeled batch {(x_b, y_b)} of size B under weak augmentation a(.):
 
 Recipe (the TorchSSL / USB "classic CV" protocol): WRN-28-2 (WRN-28-8 on CIFAR-100), SGD with nesterov momentum
 0.9, lr 0.03, weight decay 5e-4 (1e-3 on CIFAR-100) on conv and linear weights only, cosine
-lr_k = lr cos(7 pi k / (16 K)) over K = 2^20 steps, labeled batch 64, evaluation of an EMA of the weights.
+lr_k = lr cos(7 pi k / (16 K)) with k the optimizer steps already taken, over K = 2^20 steps, labeled batch 64,
+evaluation of an EMA of the weights.
 
 Usage:
     python supervised.py --dataset cifar10 --num-labels 4000
@@ -425,7 +426,7 @@ if __name__ == "__main__":
             sums = torch.stack(list(running.values()))
             if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
                 dist.all_reduce(sums)
-            sums = dict(zip(running, sums.tolist(), strict=True))  # the one host sync per log row
+            sums = dict(zip(running, sums.tolist(), strict=True))  # syncs at log rows only: here, the weights, the lr
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)

@@ -491,7 +491,7 @@ if __name__ == "__main__":
             sums = torch.stack(list(running.values()))
             if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
                 dist.all_reduce(sums)
-            sums = dict(zip(running, sums.tolist(), strict=True))  # the one host sync per log row
+            sums = dict(zip(running, sums.tolist(), strict=True))  # syncs at log rows only: here, the weights, the lr
             means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)
