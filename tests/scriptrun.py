@@ -104,6 +104,15 @@ def run_keeping_step(script, *args):
     return {**g, **step}
 
 
+def run_keeping_graph(script, *args):
+    """run_keeping_step, with the step's autograd graph kept after its backward (retain_graph): a test can then take
+    the gradient of the script's own loss_u."""
+    backward = torch.Tensor.backward
+    keep = lambda self, *a, **k: backward(self, *a, **{**k, "retain_graph": True})
+    with mock.patch.object(torch.Tensor, "backward", keep):
+        return run_keeping_step(script, *args)
+
+
 aten = torch.ops.aten
 # aten ops that make the host wait for the GPU on CUDA (a value, or an output size that depends on values, is read
 # back): inside a stream capture they fail it. Boolean-mask indexing (nonzero inside) is checked apart.

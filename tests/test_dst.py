@@ -92,6 +92,33 @@ def test_main_head_gets_no_gradient_from_the_pseudo_and_worst_losses():
     assert all(g.abs().sum() > 0 for g in grads)  # h learns from the labeled loss
 
 
+def test_the_worst_head_reads_the_features_through_the_reversal_layer():
+    """model(x, c) puts R between psi and h_w: the worst-case loss's gradient on a backbone weight is -c times the
+    one through net.worst_head(net.features(x)) without R, and h_w's own gradient is not reversed. Both forwards in
+    train mode on the same batch: BatchNorm normalises with that batch's statistics, and h_w has no dropout."""
+    net = tiny_net().train()
+    torch.manual_seed(1)
+    x = torch.randn(8, 1, 28, 28)  # 4 labeled, 4 unlabeled rows
+    coeff = torch.tensor(0.1)
+    backbone, head = [net.conv1.weight, net.blocks[0].conv1.weight], [net.worst_head[0].weight]
+
+    def grads(logits, worst):  # (3) with h's predictions as targets (an argmax: no gradient through h)
+        loss = dst.worst_case_loss(logits[:4], worst[:4], logits[4:], worst[4:], 2.0)
+        return torch.autograd.grad(loss, [*backbone, *head])
+
+    logits, _, worst = net(x, coeff)
+    reversed_ = grads(logits, worst)
+    f = net.features(x)
+    logits_plain, worst_plain = net.fc(f), net.worst_head(f)
+    assert torch.equal(logits_plain, logits) and torch.equal(worst_plain, worst)  # the same forward: R is the identity
+    plain = grads(logits_plain, worst_plain)
+    for g, g_plain in zip(reversed_[:2], plain[:2]):
+        assert g_plain.abs().sum() > 0
+        expected = -coeff * g_plain  # to float32 rounding: R scales the features' gradient, not this one
+        assert torch.allclose(g, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert torch.equal(reversed_[2], plain[2])  # h_w minimises (3): its gradient is not reversed
+
+
 def test_evaluation_uses_the_main_head_only():
     net = tiny_net().eval()
     info = common.DATASETS["fashion_mnist"]
@@ -119,13 +146,14 @@ def test_evaluation_uses_the_main_head_only():
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
     """In-process runs, identical but for the pseudo and worst-case weights: one step with every
-    pseudo label admitted and the reversal on from the start, and two steps with the defaults."""
+    pseudo label admitted and the reversal on from the start, with and without (2) and (3), and two steps
+    with the defaults, with and without (3)."""
     out = {}
     for name, extra in {
         "one_on": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05],
         "one_off": ["--total-steps", 1, "--threshold", 0, "--grl-lo", 0.05, "--pseudo-weight", 0, "--worst-weight", 0],
         "two_on": ["--total-steps", 2],
-        "two_off": ["--total-steps", 2, "--pseudo-weight", 0, "--worst-weight", 0],
+        "two_no_worst": ["--total-steps", 2, "--worst-weight", 0],
     }.items():
         out[name] = run_keeping_step(
             "dst.py", *FAST, "--data-dir", data_dir, *extra, "--run-dir", tmp_path_factory.mktemp(name)
@@ -149,8 +177,11 @@ def test_pseudo_and_worst_losses_train_the_backbone_and_heads_but_not_h(runs):
 
 def test_defaults_change_the_backbone(runs):
     """Step 1: lambda = lo = 0 and no pseudo label passes tau at init; step 2: lambda ~ 0.1, so the
-    worst-case loss must reach the backbone."""
-    on, off = runs["two_on"]["model"], runs["two_off"]["model"]
+    worst-case loss must reach the backbone: the run differs from one without it (--worst-weight 0)."""
+    row = next(r for r in rows(runs["two_on"]["run_dir"]) if "train/mask_ratio" in r)
+    assert row["step"] == 2 and row["train/mask_ratio"] == 0  # the mean over steps 1 and 2: no pseudo label passed
+    assert not runs["two_on"]["mask"].any() and runs["two_on"]["loss_p"].item() == 0  # step 2's, kept
+    on, off = runs["two_on"]["model"], runs["two_no_worst"]["model"]
     assert not torch.equal(on.conv1.weight, off.conv1.weight)
     assert not torch.equal(on.blocks[0].conv1.weight, off.blocks[0].conv1.weight)
 
@@ -169,6 +200,75 @@ def test_logged_coefficient_and_pseudo_label_accuracy(runs):
     assert known.all()  # Fashion-MNIST: every unlabeled image has its label
     expected = (g["pseudo_label"] == g["y_u"]).float().mean()
     assert g["stats"]["train/pseudo_acc"].item() == pytest.approx(expected.item())
+
+
+@pytest.fixture(scope="module")
+def tie(runs, data_dir, tmp_path_factory):
+    """One step with tau exactly the float32 confidence max(q_b) of one unlabeled image, the middle one of the
+    first step of "one_on" (same seed, batches and forward: tau changes neither). A float32 value is exact as a
+    Python float, and its repr survives argparse's float() and the cast back to float32 in the comparison."""
+    confidence = runs["one_on"]["logits"][8:16].detach().softmax(1).max(1).values  # B = mu B = 8: the weak rows
+    tau = confidence.sort().values[len(confidence) // 2].item()
+    args = [*FAST, "--data-dir", data_dir, "--total-steps", 1, "--threshold", tau]
+    return run_keeping_step("dst.py", *args, "--run-dir", tmp_path_factory.mktemp("tie")), tau
+
+
+def cross_entropy_by_hand(logits, target):
+    return -logits.double().log_softmax(1).gather(1, target[:, None]).squeeze(1)
+
+
+def worst_case_by_hand(logits_l, worst_l, logits_u, worst_u, eta_prime):
+    """(3) as the docstring writes it, in float64 with the naive log(1 - p) (finite away from p = 1): eta' times
+    the mean CE of h_w against h's predictions y' on the labeled rows, plus the mean -log(1 - p_w(q^)) on the
+    unlabeled rows."""
+    labeled = cross_entropy_by_hand(worst_l, logits_l.argmax(1)).mean()
+    p_u = worst_u.double().softmax(1).gather(1, logits_u.argmax(1, keepdim=True)).squeeze(1)
+    return eta_prime * labeled - (1 - p_u).log().mean()
+
+
+def test_pseudo_and_worst_losses_of_a_step_by_hand(tie):
+    """(2): the mask is strict, max(q_b) > tau (the image at tau is out), q^ is h's argmax on the weak view, h_p
+    learns it on the strong view, and the sum is divided by all mu B images; (3) takes h's predictions as targets
+    on the weak views (not the labels); (4) is their sum with lambda 1, eta 0.3. Rows: [alpha(x), alpha(u), A(u)]."""
+    g, tau = tie
+    assert g["args"].threshold == tau  # the round trip through argparse
+    logits, logits_pseudo, logits_worst = (g[k].detach() for k in ("logits", "logits_pseudo", "logits_worst"))
+    assert len(logits) == 3 * 8 and logits.dtype == torch.float32  # B = mu B = 8
+    weak, pseudo_weak, pseudo_strong = logits[8:16], logits_pseudo[8:16], logits_pseudo[16:]
+    confidence, label = weak.softmax(1).max(1)
+    assert (confidence == tau).sum() == 1  # the premise: one image ties with tau in float32
+    mask = (confidence > tau).double()
+    assert 0 < mask.sum() < 7  # others pass, others do not: a wrong mask shows
+    assert torch.equal(g["mask"], mask.float()) and not torch.equal(g["mask"], (confidence >= tau).float())
+
+    per_image = cross_entropy_by_hand(pseudo_strong, label)
+    expected = (per_image * mask).sum() / 8
+    assert g["loss_p"].item() == pytest.approx(expected.item(), rel=1e-5)
+    wrong = {
+        "mean over the kept images": (per_image * mask).sum() / mask.sum(),
+        "max(q) >= tau": (per_image * (confidence >= tau)).sum() / 8,
+        "h_p on the weak view": (cross_entropy_by_hand(pseudo_weak, label) * mask).sum() / 8,
+        "h_p's own pseudo label": (cross_entropy_by_hand(pseudo_strong, pseudo_weak.argmax(1)) * mask).sum() / 8,
+    }
+    for name, value in wrong.items():
+        assert g["loss_p"].item() != pytest.approx(value.item(), rel=1e-3), name
+
+    eta_prime = g["args"].eta_prime
+    assert eta_prime == 2.0  # the recipe (fashion_mnist takes the default one)
+    worst_l, worst_u, worst_s = logits_worst[:8], logits_worst[8:16], logits_worst[16:]
+    expected_w = worst_case_by_hand(logits[:8], worst_l, weak, worst_u, eta_prime)
+    assert g["loss_w"].item() == pytest.approx(expected_w.item(), rel=1e-5)
+    labels = F.one_hot(g["y_l"], 10).float()  # as logits, their argmax is the label
+    assert not torch.equal(labels.argmax(1), logits[:8].argmax(1))  # h's predictions are not the labels
+    wrong = {
+        "the labels as targets": worst_case_by_hand(labels, worst_l, weak, worst_u, eta_prime),
+        "h_w on the strong view": worst_case_by_hand(logits[:8], worst_l, weak, worst_s, eta_prime),
+    }
+    for name, value in wrong.items():
+        assert g["loss_w"].item() != pytest.approx(value.item(), rel=1e-3), name
+
+    loss_x = cross_entropy_by_hand(logits[:8], g["y_l"]).mean()
+    assert g["loss"].item() == pytest.approx((loss_x + expected + 0.3 * expected_w).item(), rel=1e-5)
 
 
 RECIPE_FLAGS = ("threshold", "worst_weight", "eta_prime", "grl_warmup")

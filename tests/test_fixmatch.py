@@ -1,5 +1,5 @@
 """fixmatch.py: the hard label of the weak view trains the strong view where the weak view is confident; the
-unlabeled term averages over all mu B images; the label carries no gradient.
+unlabeled term averages over all mu B images; the label carries no gradient; a confidence equal to tau passes.
 
 The first step of two runs with the same seed and data sees the same batches, augmentations and weights, so its
 logits are the same whatever the threshold: a probe run gives them, and the threshold of the second run is set
@@ -8,21 +8,27 @@ between two of its middle confidences, so that part of the batch passes and a wr
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, middle_threshold, rows, run_keeping_step
+from scriptrun import TINY, middle_threshold, rows, run_keeping_graph, run_keeping_step
 
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
+    """probe: the default tau (nothing passes at init); on: tau between two middle confidences of the probe's weak
+    view, its graph kept; tie: tau equal to the probe's median confidence itself."""
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 1]
     probe = run_keeping_step("fixmatch.py", *args, "--run-dir", tmp_path_factory.mktemp("probe"))
     threshold = middle_threshold(probe["logits_w"])
     on_dir = tmp_path_factory.mktemp("on")
-    on = run_keeping_step("fixmatch.py", *args, "--threshold", threshold, "--run-dir", on_dir)
-    return {"probe": probe, "on": on, "threshold": threshold, "on_dir": on_dir}
+    on = run_keeping_graph("fixmatch.py", *args, "--threshold", threshold, "--run-dir", on_dir)
+    confidence = probe["logits_w"].detach().softmax(1).max(1).values
+    tied = confidence.sort().values[len(confidence) // 2].item()  # a float32 value: exact as a float and as text
+    tie = run_keeping_step("fixmatch.py", *args, "--threshold", tied, "--run-dir", tmp_path_factory.mktemp("tie"))
+    return {"probe": probe, "on": on, "threshold": threshold, "on_dir": on_dir, "tie": tie, "tied": tied}
 
 
 def test_same_first_step(runs):
-    assert torch.equal(runs["probe"]["logits"], runs["on"]["logits"])
+    for k in ("on", "tie"):
+        assert torch.equal(runs["probe"]["logits"], runs[k]["logits"]), k
 
 
 def test_unsup_loss_by_hand(runs):
@@ -58,11 +64,26 @@ def test_logged_mask_and_pseudo_label_accuracy(runs):
 
 
 def test_the_label_is_a_constant_and_the_strong_view_gets_the_gradient(runs):
-    """The unlabeled term's gradient reaches the strong view's logits only (through the network, not the label)."""
+    """The gradient of the script's own loss_u: mask (softmax(strong) - onehot(label)) / (mu B) on the strong view's
+    logits, as CE with a constant label gives, and none on the weak view's, the label's source (a label carrying a
+    gradient, soft or straight-through, would reach them)."""
     g = runs["on"]
-    logits_w, logits_s = (g[k].detach().requires_grad_(True) for k in ("logits_w", "logits_s"))
-    label = logits_w.detach().softmax(1).argmax(1)
-    mask = (logits_w.detach().softmax(1).max(1).values >= runs["threshold"]).float()
-    (F.cross_entropy(logits_s, label, reduction="none") * mask).mean().backward()
-    assert logits_w.grad is None and logits_s.grad.abs().sum() > 0
-    assert not g["max_probs"].requires_grad and not g["pseudo_label"].requires_grad
+    grad_w, grad_s = torch.autograd.grad(g["loss_u"], [g["logits_w"], g["logits_s"]], allow_unused=True)
+    weak, strong = g["logits_w"].detach(), g["logits_s"].detach()
+    q = weak.softmax(1)
+    mask = (q.max(1).values >= runs["threshold"]).float()
+    expected = mask[:, None] * (strong.softmax(1) - F.one_hot(q.argmax(1), q.shape[1])) / len(q)
+    assert grad_w is None
+    assert torch.allclose(grad_s, expected, atol=1e-8) and grad_s.abs().sum() > 0
+    assert not g["max_probs"].requires_grad  # the confidence is taken from detached logits too
+
+
+def test_a_confidence_equal_to_tau_passes(runs):
+    """The gate is max q >= tau (Eq. 4, TorchSSL): --threshold set to one image's own confidence keeps that image."""
+    g, tied = runs["tie"], runs["tied"]
+    confidence = g["logits_w"].detach().softmax(1).max(1).values
+    at = (confidence == tied).nonzero().flatten()
+    assert len(at) == 1 and confidence[at].item() == tied  # the tie survives float -> text -> float -> float32 ...
+    assert not (confidence > tied)[at]  # ... so a strict gate would drop that image
+    assert g["mask"][at] == 1
+    assert torch.equal(g["mask"], (confidence >= tied).float()) and 0 < g["mask"].sum() < len(g["mask"])

@@ -1,11 +1,14 @@
 """flexmatch.py: the flexible thresholds against the formula computed by hand (with and without
 warm-up, each mapping), every sample passing at the start, marks only over the fixed tau, the marks
-in a real run, in its checkpoint and back on resume, the unlabeled term changing the weights."""
+in a real run, in its checkpoint and back on resume, the unlabeled term changing the weights; the
+defaults (convex mapping, warm-up); two steps of a run by hand (the marks, step 2's thresholds, mask
+and unlabeled loss) and a confidence equal to its threshold kept and marked (the gates are >=)."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scriptrun import TINY, checkpoint, rows, run_inprocess, run_keeping_step
 
 
@@ -41,17 +44,14 @@ def test_thresholds_by_hand():
         assert torch.allclose(class_thresholds(marks, 2, 0.9, "convex", warmup), torch.tensor([0.9, 0.6]))
 
 
-def test_at_the_start_every_sample_passes():
+def test_no_mark_gives_zero_thresholds():
     from flexmatch import MAPPINGS, class_thresholds
 
     marks = torch.full((50,), -1)
-    probs = torch.randn(64, 10).softmax(1)
-    max_probs, pseudo_label = probs.max(1)
     for mapping in MAPPINGS:
         for warmup in (True, False):
             thresholds = class_thresholds(marks, 10, 0.95, mapping, warmup)
             assert torch.equal(thresholds, torch.zeros(10))  # beta = 0 (0 / 0 guarded), so T = 0, no NaN
-            assert (max_probs >= thresholds[pseudo_label]).all()
 
 
 def test_only_predictions_over_the_fixed_tau_mark():
@@ -64,6 +64,121 @@ def test_only_predictions_over_the_fixed_tau_mark():
     mark_confident(marks, idx, max_probs, pseudo_label, 0.95)
     # row 5 marked 1, row 2 keeps 3 (0.5 < tau), row 7 marked 0 (= tau), row 0 stays unused, row 6 re-marked 4
     assert marks.tolist() == [-1, -1, 3, 1, -1, 1, 4, 0]
+
+
+@pytest.fixture(scope="module")
+def curriculum(data_dir, tmp_path_factory):
+    """Two steps in which the flexible thresholds cut. Step 1 of any run has every threshold 0 (no mark yet), so
+    tau changes nothing before step 2's thresholds: one (one step, every flag at its default) gives step 1's
+    confidences and labels, probe (two steps) step 2's, and flex is probe with tau set to one of step 2's
+    confidences, in the class step 1 predicts most: a tie at both gates of step 2. Without warm-up (Eq. 6) that
+    class gets tau itself; at a tiny lr step 2 predicts several classes, as step 1 does."""
+    one = run_keeping_step(
+        "flexmatch.py", *TINY, "--data-dir", data_dir, "--total-steps", 1, "--run-dir", tmp_path_factory.mktemp("one")
+    )
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 2, "--lr", 1e-4, "--no-threshold-warmup"]
+    probe = run_keeping_step("flexmatch.py", *args, "--run-dir", tmp_path_factory.mktemp("probe"))
+    top = one["pseudo_label"].bincount().argmax()
+    confidence = probe["max_probs"][probe["pseudo_label"] == top].sort().values
+    tau = confidence[len(confidence) * 3 // 10].item()  # low: step 1 marks some rows of other classes too
+    flex = run_keeping_step("flexmatch.py", *args, "--threshold", tau, "--run-dir", tmp_path_factory.mktemp("flex"))
+    return {"one": one, "probe": probe, "flex": flex, "tau": tau, "top": top}
+
+
+def marks_by_hand(marks, step, tau):
+    """Algorithm 1 lines 13-17 on a copy of marks, from a step's locals: its rows whose weak-view confidence reaches
+    the fixed tau take their predicted class."""
+    q = step["logits_w"].detach().softmax(1)
+    confident = q.max(1).values >= tau
+    marks = marks.clone()
+    marks[step["idx_u"]] = torch.where(confident, q.argmax(1), marks[step["idx_u"]])
+    return marks, confident
+
+
+def test_defaults_convex_mapping_and_warm_up(curriculum):
+    args = curriculum["one"]["args"]
+    assert args.mapping == "convex" and args.threshold_warmup is True  # Eq. (12) and (11), the paper's section 4
+    assert (args.threshold, args.mu, args.unsup_weight) == (0.95, 7, 1.0)
+
+
+def test_at_the_start_every_sample_passes(curriculum):
+    """Step 1: no mark yet, every threshold 0, the whole unlabeled batch in the loss, although a fixed tau (0.95)
+    keeps none of it (and marks none)."""
+    g = curriculum["one"]
+    confidence = g["logits_w"].detach().softmax(1).max(1).values
+    assert (confidence < 0.95).all()
+    assert torch.equal(g["thresholds"], torch.zeros(10))
+    assert torch.equal(g["mask"], torch.ones(7 * 8))
+    assert (g["selected_label"] == -1).all()
+
+
+def test_marks_take_the_fixed_tau(curriculum):
+    """The marks of both steps are those of the fixed tau, not of the flexible thresholds (0 at step 1: every row of
+    the batch would be marked)."""
+    one, flex, tau = curriculum["one"], curriculum["flex"], curriculum["tau"]
+    assert torch.equal(curriculum["probe"]["logits"], flex["logits"])  # the premise: tau changes nothing before
+    after_1, confident_1 = marks_by_hand(torch.full((200,), -1), one, tau)
+    assert 0 < confident_1.sum() < 7 * 8
+    after_2, confident_2 = marks_by_hand(after_1, flex, tau)
+    assert not torch.equal(confident_2, flex["mask"].bool())  # step 2's flexible thresholds would mark other rows
+    assert torch.equal(flex["selected_label"], after_2)
+
+
+def test_thresholds_of_step_2_by_hand(curriculum):
+    """T(c) = tau M(beta(c)), convex M(x) = x / (2 - x), beta(c) = sigma(c) / max sigma without warm-up (Eq. 6), from
+    the marks before step 2's update (those of step 1); the other mapping, warm-up and order give other thresholds."""
+    one, flex, tau = curriculum["one"], curriculum["flex"], curriculum["tau"]
+    before, _ = marks_by_hand(torch.full((200,), -1), one, tau)
+    sigma = torch.stack([(before == c).sum() for c in range(10)]).double()
+    beta = sigma / sigma.max()
+    assert ((0 < beta) & (beta < 1)).any()  # a class where the mapping matters
+    expected = tau * beta / (2 - beta)
+    assert torch.allclose(flex["thresholds"].double(), expected, rtol=1e-6, atol=0)
+    after, _ = marks_by_hand(before, flex, tau)
+    sigma_after = torch.stack([(after == c).sum() for c in range(10)]).double()
+    wrong = {
+        "linear": tau * beta,
+        "warm-up": tau * (b := sigma / max(sigma.max(), (before == -1).sum())) / (2 - b),
+        "marks after the update": tau * (b := sigma_after / sigma_after.max()) / (2 - b),
+    }
+    for name, value in wrong.items():
+        assert not torch.allclose(flex["thresholds"].double(), value, rtol=1e-3, atol=0), name
+
+
+def test_mask_and_loss_of_step_2_by_hand(curriculum):
+    """mask = 1[max q >= T(argmax q)], the flexible threshold of the predicted class; the unlabeled term
+    1/(mu B) sum mask CE(argmax q, p(y | A(u))) (Eq. 8), q from the weak view."""
+    g = curriculum["flex"]
+    weak, strong, thresholds = g["logits_w"].detach(), g["logits_s"].detach(), g["thresholds"]
+    q = weak.softmax(1)
+    confidence, label = q.max(1)
+    mask = (confidence >= thresholds[label]).float()
+    assert len(thresholds[label].unique()) > 1  # the thresholds of the predicted classes differ ...
+    assert 0 < mask.sum() < len(mask)  # ... and cut the batch, otherwise than a fixed tau does
+    assert not torch.equal(mask, (confidence >= curriculum["tau"]).float())
+    assert torch.equal(g["mask"], mask)
+    per_sample = F.cross_entropy(strong, label, reduction="none")
+    expected = (per_sample * mask).sum() / (7 * 8)
+    assert g["loss_u"].item() == pytest.approx(expected.item(), rel=1e-5)
+    wrong = {
+        "mean over the kept images": (per_sample * mask).sum() / mask.sum(),
+        "the weak view trained": (F.cross_entropy(weak, label, reduction="none") * mask).mean(),
+        "the fixed tau (FixMatch)": (per_sample * (confidence >= curriculum["tau"])).mean(),
+    }
+    for name, value in wrong.items():
+        assert g["loss_u"].item() != pytest.approx(value.item(), rel=1e-3), name
+
+
+def test_a_confidence_equal_to_its_threshold_passes_and_marks(curriculum):
+    """Both gates are >= (TorchSSL): the step 2 image whose confidence is tau itself, in the class whose flexible
+    threshold is tau, is in the loss and marked."""
+    g, tau, top = curriculum["flex"], curriculum["tau"], curriculum["top"]
+    confidence, label = g["logits_w"].detach().softmax(1).max(1)
+    at = (confidence == tau).nonzero().flatten()
+    assert len(at) == 1 and confidence[at].item() == tau and label[at] == top  # tau survived text and float32
+    assert g["thresholds"][top] == confidence[at]  # tau M(1) = tau: a tie at the flexible gate too
+    assert g["mask"][at] == 1
+    assert g["selected_label"][g["idx_u"][at]] == top
 
 
 @pytest.fixture(scope="module")

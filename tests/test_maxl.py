@@ -1,6 +1,7 @@
 """maxl.py: the mask softmax, the focal loss, the entropy regulariser, the second-order meta gradient
-(against finite differences), BatchNorm buffers left alone by the meta step, the Single baseline,
-the CIFAR-100 superclasses, and one real step recomputed from its inputs."""
+(against finite differences), the meta loss against its equations written out by hand, BatchNorm
+buffers left alone by the meta step, the Single baseline, the CIFAR-100 superclasses, one real step
+recomputed from its inputs, and the generator's lr schedule."""
 
 import copy
 import math
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from fakedata import make_fake_dataset
 from scriptrun import TINY, checkpoint, rows, run_inprocess, run_keeping_step
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import common
 import maxl
@@ -39,6 +41,37 @@ def np_neg_entropy(y_aux):
     pbar = np.asarray(y_aux, dtype=np.float64).mean(0)
     pbar = pbar[pbar > 0]
     return float((pbar * np.log(pbar)).sum())
+
+
+def focal_by_hand(logits, target, gamma):
+    """Eq. (2) written out: 1/N sum_n -sum_k t_nk (1 - p_nk)^gamma log p_nk, p = exp(z) / sum_k exp(z_k)."""
+    e = logits.exp()
+    p = e / e.sum(1, keepdim=True)
+    return -(target * (1 - p) ** gamma * p.log()).sum(1).mean()
+
+
+def meta_loss_by_hand(model, generator, x, y, psi, alpha, aux_weight, entropy_weight, gamma):
+    """Eqs. (1)-(5) written out apart from maxl.meta_loss: y_aux normalised over the psi slots of each sample's class,
+    L_1 (3) by a forward of a copy of the multi-task net (train mode: batch statistics; the copy's buffers move, not
+    the model's), the look-ahead theta_1+ = theta_1 - alpha grad L_1 (4) as fast weights, forwarded by
+    torch.func.functional_call, and (5) with sum pbar log pbar over the slots with pbar > 0. The graph reaches the
+    generator (create_graph). Returns (L_2, primary focal loss at theta_1+, regulariser)."""
+    net = copy.deepcopy(model)
+    num_classes = net.fc.out_features
+    own = torch.arange(num_classes * psi)[None, :] // psi == y[:, None]  # (B, C psi): the slots of class y_b
+    e = torch.where(own, generator(x).exp(), 0)
+    y_aux = e / e.sum(1, keepdim=True)  # (1)
+    one_hot = (torch.arange(num_classes)[None, :] == y[:, None]).to(x.dtype)
+    pri, aux = net(x, aux=True)
+    loss_1 = focal_by_hand(pri, one_hot, gamma) + aux_weight * focal_by_hand(aux, y_aux, gamma)  # (3)
+    names, params = zip(*net.named_parameters())
+    grads = torch.autograd.grad(loss_1, params, create_graph=True)
+    fast = {name: p - alpha * g for name, p, g in zip(names, params, grads)}  # (4)
+    pri_plus = focal_by_hand(torch.func.functional_call(net, fast, (x,)), one_hot, gamma)
+    pbar = y_aux.mean(0)
+    pbar = pbar[pbar > 0]
+    reg = (pbar * pbar.log()).sum()
+    return pri_plus + entropy_weight * reg, pri_plus, reg  # (5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +218,27 @@ def test_meta_gradient_matches_finite_differences_and_is_second_order(entropy_we
         assert first_order == 0.0
 
 
+def test_meta_loss_equals_the_equations_by_hand():
+    """maxl.meta_loss against meta_loss_by_hand, float64, WRN-10-1 on six 12x12 images: L_2, the primary focal loss
+    at theta_1+, the regulariser and the generator's (second-order) gradient. w_aux 0.7 and a large alpha, so that
+    w_aux's place in (3) and the look-ahead step (4) show: w_aux 1, or theta_1 + alpha grad, gives another loss."""
+    model, generator = tiny_nets()
+    x = torch.randn(6, 1, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    alpha, aux_weight, entropy_weight, gamma = 0.5, 0.7, 0.2, 2.0
+    got = maxl.meta_loss(model, generator, x, y, maxl.slot_mask(3, 2), alpha, aux_weight, entropy_weight, gamma)
+    want = meta_loss_by_hand(model, generator, x, y, 2, alpha, aux_weight, entropy_weight, gamma)
+    assert [t.item() for t in got] == pytest.approx([t.item() for t in want], rel=1e-10)
+    params = list(generator.parameters())
+    for a, b in zip(torch.autograd.grad(got[0], params), torch.autograd.grad(want[0], params)):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    for wrong in (
+        meta_loss_by_hand(model, generator, x, y, 2, alpha, 1.0, entropy_weight, gamma),
+        meta_loss_by_hand(model, generator, x, y, 2, -alpha, aux_weight, entropy_weight, gamma),
+    ):
+        assert got[1].item() != pytest.approx(wrong[1].item(), rel=1e-6)
+
+
 def test_meta_step_leaves_the_running_buffers_alone_step_one_moves_them():
     model, generator = tiny_nets()
     x = torch.randn(6, 1, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -298,10 +352,12 @@ def initial_nets(num_classes=10, psi=5):
 
 def test_one_step_recomputed(data_dir, tmp_path):
     """Step 1 of a real run, from its batches and the initial weights: the logged losses, the
-    generator's update (plain SGD on the second-order gradient of (5)) and the multi-task net's update
-    (nesterov SGD on (3) alone, the generated labels constant); the meta step does not touch the
-    running buffers (they move by step 1's forward alone)."""
-    args = [*TINY, "--data-dir", data_dir, "--total-steps", 1, "--log-every", 1, "--run-dir", tmp_path]
+    generator's update (plain SGD on the second-order gradient of (5), by hand) and the multi-task net's
+    update (nesterov SGD on (3) alone, the generated labels constant); the meta step does not touch the
+    running buffers (they move by step 1's forward alone). --aux-weight 0.5: its place in (3) shows."""
+    w_aux = 0.5
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 1, "--log-every", 1, "--aux-weight", w_aux]
+    args += ["--run-dir", tmp_path]
     g = run_keeping_step("maxl.py", *args)
     row = rows(tmp_path)[0]
     model0, gen0 = initial_nets()
@@ -309,8 +365,8 @@ def test_one_step_recomputed(data_dir, tmp_path):
     slots = maxl.slot_mask(10, 5)
     assert g["at_return"]["alpha"].item() == torch.tensor(0.03).item()  # lr at step 1, in float32
     assert g["alpha"] is g["optimizer"].param_groups[0]["lr"]  # the tensor LambdaLR fills (graphs)
-    # the meta step, at the initial theta_1 and theta_2
-    loss, pri_plus, reg = maxl.meta_loss(model0, gen0, x_m, y_m, slots, 0.03, 1.0, 0.2, 2.0)
+    # the meta step by hand, at the initial theta_1 and theta_2
+    loss, pri_plus, reg = meta_loss_by_hand(model0, gen0, x_m, y_m, 5, 0.03, w_aux, 0.2, 2.0)
     assert row["losses/meta"] == pytest.approx(pri_plus.item(), rel=1e-5)
     assert row["losses/entropy_reg"] == pytest.approx(reg.item(), rel=1e-5)
     assert row["train/aux_entropy"] == pytest.approx(-reg.item(), rel=1e-5)
@@ -334,8 +390,9 @@ def test_one_step_recomputed(data_dir, tmp_path):
     aux = np_focal(logits_aux.detach().numpy(), y_aux.numpy(), 2.0)
     assert row["losses/primary"] == pytest.approx(primary, rel=1e-5)
     assert row["losses/aux"] == pytest.approx(aux, rel=1e-5)
-    assert row["losses/total"] == pytest.approx(primary + aux, rel=1e-5)
-    loss_1 = maxl.focal_loss(logits_l, F.one_hot(y_l, 10).float(), 2.0) + maxl.focal_loss(logits_aux, y_aux, 2.0)
+    assert row["losses/total"] == pytest.approx(primary + w_aux * aux, rel=1e-5)
+    one_hot = F.one_hot(y_l, 10).float()
+    loss_1 = maxl.focal_loss(logits_l, one_hot, 2.0) + w_aux * maxl.focal_loss(logits_aux, y_aux, 2.0)
     params = list(model0.parameters())
     for (name, p1), p0, gr in zip(g["model"].named_parameters(), params, torch.autograd.grad(loss_1, params)):
         d = gr + (5e-4 * p0 if p0.ndim > 1 else 0)  # no weight decay on BatchNorm and biases
@@ -343,6 +400,25 @@ def test_one_step_recomputed(data_dir, tmp_path):
         assert torch.allclose(p1, expected, atol=1e-6, rtol=1e-4), name
     for (name, b1), b0 in zip(g["model"].named_buffers(), model0.buffers()):
         assert torch.allclose(b1.float(), b0.float(), atol=1e-6), name  # one forward's worth: the meta step left them
+
+
+def test_generator_lr_follows_the_cosine_of_the_multi_task_net(data_dir, tmp_path):
+    """K = 3 steps: the lr with which each optimizer step runs is lr cos(7 pi k / (16 K)), k = 0, 1, 2 the steps
+    already taken (the schedulers step after each step), for the generator (1e-3) as for the multi-task net (0.03);
+    after the run, k = 3. A constant factor for the generator fails from k = 1 on."""
+    used = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: used.append((opt, opt.param_groups[0]["lr"].item()))
+    )
+    try:
+        g = run_inprocess("maxl.py", *TINY, "--data-dir", data_dir, "--total-steps", 3, "--run-dir", tmp_path)
+    finally:
+        hook.remove()
+    factor = [math.cos(7 * math.pi * k / (16 * 3)) for k in range(4)]
+    generator, net = g["gen_optimizer"], g["optimizer"]
+    assert [lr for opt, lr in used if opt is generator] == pytest.approx([1e-3 * f for f in factor[:3]], rel=1e-6)
+    assert [lr for opt, lr in used if opt is net] == pytest.approx([0.03 * f for f in factor[:3]], rel=1e-6)
+    assert generator.param_groups[0]["lr"].item() == pytest.approx(1e-3 * factor[3], rel=1e-6)
 
 
 def test_single_baseline_has_no_generator(data_dir, tmp_path):

@@ -1,23 +1,53 @@
-"""mean_teacher.py: the consistency loss by hand, gradient into the student and none into the teacher, the EMA's
-closed form, the teacher's own BatchNorm statistics."""
+"""mean_teacher.py: the consistency loss by hand, gradient into the student and none into the teacher (its forward
+under no_grad), the teacher's own augmentation of the same images, the EMA's closed form, the teacher's own BatchNorm
+statistics, the ramp-up."""
 
 import copy
+import math
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, rows, run_keeping_step
+from scriptrun import TINY, rows, run_inprocess, run_keeping_step
 
 import common
 
 
+def run_recording(*args):
+    """run_keeping_step("mean_teacher.py", *args) with the teacher's parameters left requiring grad (the script's
+    requires_grad_(False) made a no-op), so that its no_grad forward alone keeps the gradient out of it. Adds under
+    "augment" each common.weak_augment call's (input, output), under "forwards" each network forward's (module,
+    input, training)."""
+    augment, forwards, weak_augment = [], [], common.weak_augment
+
+    def spy(x, *a, **k):
+        augment.append((x.clone(), weak_augment(x, *a, **k)))
+        return augment[-1][1].clone()
+
+    def forward(module, inputs):
+        if isinstance(module, common.WideResNet):
+            forwards.append((module, inputs[0].detach().clone(), module.training))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(forward)
+    try:
+        with (
+            mock.patch.object(common, "weak_augment", spy),
+            mock.patch.object(torch.nn.Module, "requires_grad_", lambda module, requires_grad=True: module),
+        ):
+            g = run_keeping_step("mean_teacher.py", *args)
+    finally:
+        hook.remove()
+    return {**g, "augment": augment, "forwards": forwards}
+
+
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-    """Two 3-step runs in this process, identical but for the consistency weight (and the last step's locals)."""
+    """Two 3-step runs in this process, identical but for the consistency weight (and the last step's locals), by
+    run_recording: the teacher's parameters require grad in them."""
     out = {}
     for w in (0, 100):
-        out[w] = run_keeping_step(
-            "mean_teacher.py",
+        out[w] = run_recording(
             *TINY,
             "--data-dir",
             data_dir,
@@ -34,11 +64,12 @@ def runs(data_dir, tmp_path_factory):
 
 
 def test_consistency_loss_by_hand(runs):
-    """Paper Eq. (1): w(t) 1/(C mu B) sum_i ||f(a(u_i); theta) - f(a'(u_i); theta')||^2, the teacher's side a constant;
-    the labeled cross-entropy; the total with w(t) = w_max (no ramp)."""
+    """Paper Eq. (1): w(t) 1/(C mu B) sum_i ||f(a(u_i); theta) - f(a'(u_i); theta')||^2, the teacher's side a constant
+    (no grad_fn, though its parameters require grad in these runs); the labeled cross-entropy; the total with
+    w(t) = w_max (no ramp). a and a' are two draws: test_teacher_sees_its_own_augmentation_of_the_same_images."""
     g = runs[100]
     student, teacher = g["logits_u"].detach(), g["logits_u_teacher"]
-    assert not teacher.requires_grad and len(student) == len(g["x_u"])
+    assert teacher.grad_fn is None and not teacher.requires_grad and len(student) == len(g["x_u"])
     squared = (student.softmax(1) - teacher.softmax(1)) ** 2
     expected = squared.sum() / squared.numel()  # C mu B terms
     assert g["loss_u"].item() == pytest.approx(expected.item(), rel=1e-5)
@@ -49,12 +80,34 @@ def test_consistency_loss_by_hand(runs):
 
 
 def test_consistency_gradient_reaches_the_student_only(runs):
+    """The teacher's parameters require grad in these runs (run_recording): its no_grad forward is what keeps the
+    consistency gradient out of it."""
     student, teacher = runs[100]["model"], runs[100]["ema_model"]
     assert all(p.grad is not None for p in student.parameters())
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # the premise
+    assert all(p.grad is None for p in teacher.parameters())
     # same seed, same batches: only the consistency term differs, so the student must differ
     assert not torch.equal(runs[0]["model"].conv1.weight, student.conv1.weight)
     assert min(r["losses/unsup"] for r in rows(runs[100]["run_dir"]) if "losses/unsup" in r) > 0  # logged means
+
+
+def test_teacher_sees_its_own_augmentation_of_the_same_images(runs):
+    """a and a' of Eq. (1): per step two weak_augment calls, the student's on [labeled, unlabeled] and then the
+    teacher's on the same unlabeled images, with different outputs; each network forward takes its call's output."""
+    g = runs[100]
+    b, n = len(g["x_l"]), len(g["x_u"])
+    assert len(g["augment"]) == 2 * 3  # two a step, three steps
+    trained = [(m, x) for m, x, training in g["forwards"] if training]  # not evaluate()'s
+    student = [x for m, x in trained if m is g["model"]]
+    teacher = [x for m, x in trained if m is g["ema_model"]]
+    assert len(student) == len(teacher) == 3 and len(trained) == 6
+    for step in range(3):
+        (x, a), (u, a_teacher) = g["augment"][2 * step : 2 * step + 2]
+        assert len(x) == b + n and torch.equal(x[b:], u)  # the same unlabeled images
+        assert not torch.equal(a[b:], a_teacher)  # augmented independently
+        assert torch.equal(student[step], common.normalize(a, g["info"]))
+        assert torch.equal(teacher[step], common.normalize(a_teacher, g["info"]))
+    assert torch.equal(u, g["x_u"])  # the last step's unlabeled batch
 
 
 def test_teacher_batchnorm_statistics_are_its_own_and_move(runs):
@@ -68,8 +121,10 @@ def test_teacher_batchnorm_statistics_are_its_own_and_move(runs):
 
 @pytest.mark.parametrize("decay", [0.999, 0.6])
 def test_ema_update_matches_closed_form(decay):
-    """theta'_k = prod_t alpha_t theta_0 + sum_t (1 - alpha_t) prod_{s>t} alpha_s theta_t with
-    alpha_t = min(1 - 1/(t+1), decay): at 0.999 the plain mean of theta_0..theta_k."""
+    """ema_update (paper Eq. (2)) against its closed form over a sequence of decays alpha_t:
+    theta'_k = prod_t alpha_t theta_0 + sum_t (1 - alpha_t) prod_{s>t} alpha_s theta_t. The sequence fed in is
+    min(1 - 1/(t+1), decay), whose closed form at 0.999 is the plain mean of theta_0..theta_k: a test input, not the
+    script's rule (min((1 + t) / (10 + t), ema_decay), checked in test_scripts.py)."""
     import mean_teacher
 
     torch.manual_seed(0)
@@ -94,3 +149,12 @@ def test_ema_update_matches_closed_form(decay):
     assert torch.allclose(torch.nn.utils.parameters_to_vector(teacher.parameters()), expected, atol=1e-5)
     # ema_update is the template's and copies the BN buffers too: the training loop puts the teacher's own back
     # (test_teacher_batchnorm_statistics_are_its_own_and_move)
+
+
+def test_logged_weight_follows_the_sigmoid_ramp(data_dir, tmp_path):
+    """w(t) = w_max exp(-5 (1 - T)^2), T = min(t / (ramp_up K), 1), at K = 10, ramp-up 0.5, w_max 2 and the step
+    t = 1..10 being taken: w_max from step 5 on. A linear ramp (TorchSSL's shape) or one counted from t - 1 fails."""
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 10, "--ramp-up", 0.5, "--unsup-weight", 2]
+    run_inprocess("mean_teacher.py", *args, "--log-every", 1, "--run-dir", tmp_path)
+    logged = {r["step"]: r["train/unsup_weight"] for r in rows(tmp_path) if "train/unsup_weight" in r}
+    assert logged == pytest.approx({t: 2 * math.exp(-5 * (1 - min(t / 5, 1)) ** 2) for t in range(1, 11)}, rel=1e-6)

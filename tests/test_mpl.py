@@ -1,9 +1,11 @@
 """mpl.py: the direction of the teacher's signal (on a toy problem where the answer is known), h and
 its moving baseline, the schedules, one step of the real script checked against its formulas, the
-gradient paths of the two losses, the finetuning phase, and resume inside / across it."""
+confidence gate at a tie, the gradient paths of the two losses, the finetuning phase (and its dropout),
+and resume inside / across it."""
 
 import copy
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -325,7 +327,6 @@ def test_finetuning_starts_from_the_ema_student(two_steps, data_dir, tmp_path):
         assert torch.allclose(p, expected, rtol=1e-5, atol=1e-6), name
     assert all(torch.equal(v, f["ema_model"].state_dict()[k]) for k, v in f["model"].named_buffers())
     assert all(torch.equal(v, g["teacher"].state_dict()[k]) for k, v in f["teacher"].state_dict().items())
-    assert f["model"].fc_dropout == 0.0 and g["args"].dropout == 0  # (dropout is off in this run anyway)
     log = rows(tmp_path)
     assert [r["step"] for r in log if "eval/acc" in r] == [3]
     phase_end = [r for r in log if "eval/acc_mpl_phase" in r]  # the MPL phase's end is evaluated
@@ -337,6 +338,41 @@ def test_finetuning_starts_from_the_ema_student(two_steps, data_dir, tmp_path):
     assert finetune_rows[0]["losses/finetune"] == pytest.approx(f["loss"].item(), rel=1e-6)
     expected = F.cross_entropy(f["logits_l"].detach(), f["y_l"], label_smoothing=SMOOTHING)  # labeled CE, smoothed
     assert f["loss"].item() == pytest.approx(expected.item(), rel=1e-6) and len(f["y_l"]) == 512
+
+
+def test_finetuning_turns_the_students_dropout_off(data_dir, tmp_path):
+    """--dropout 0.2: both networks drop the classifier's input during the MPL phase; finetuning turns the student's
+    dropout off (as kekmodel's), the teacher keeps its own. The rate of every train-mode dropout, in order: the MPL
+    step's three forwards (the teacher, the student, the updated student), then the finetuning step's one."""
+    rates, dropout = [], F.dropout
+
+    def spy(x, p=0.5, training=True, inplace=False):
+        if training and x.ndim == 2:  # the pooled features (the blocks' own dropout, at 0, sees feature maps)
+            rates.append(p)
+        return dropout(x, p, training, inplace)
+
+    args = ["--total-steps", 2, "--finetune-steps", 1, "--finetune-batch-size", 16, "--dropout", 0.2]
+    with mock.patch.object(F, "dropout", spy):
+        g = run_inprocess("mpl.py", *TINY, "--data-dir", data_dir, *args, "--run-dir", tmp_path)
+    assert rates == [0.2, 0.2, 0.2, 0.0]
+    assert g["model"].fc_dropout == 0.0 and g["teacher"].fc_dropout == 0.2 == g["args"].dropout
+
+
+def test_the_confidence_gate_keeps_a_tie(data_dir, tmp_path):
+    """m_i = 1[max_c q_ic >= beta]: a sample whose sharpened confidence is exactly --threshold is kept. A probe run
+    reads the median sample's confidence at step 1; the same run with --threshold that value (the float32 written
+    out exactly) sees the same q, since the threshold acts only from the mask on."""
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 1]
+    probe = run_keeping_step("mpl.py", *args, "--run-dir", tmp_path / "probe")
+    confidence = probe["q"].max(1).values
+    i = confidence.argsort()[len(confidence) // 2]
+    beta = confidence[i].item()  # a float32, exact as a Python float
+    g = run_keeping_step("mpl.py", *args, "--threshold", repr(beta), "--run-dir", tmp_path / "tie")
+    assert torch.equal(g["q"], probe["q"]) and g["args"].threshold == beta  # argparse's float is the value itself
+    assert confidence[i] == g["args"].threshold and not confidence[i] > g["args"].threshold  # a tie in the comparison
+    kept = (confidence >= beta).float()
+    assert 0 < kept.sum() < len(kept) and torch.equal(g["mask"], kept)
+    assert g["mask"][i] == 1  # > would drop it
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
-"""pi_model.py: the consistency loss by hand; the consistency term trains the network; the ramp-up."""
+"""pi_model.py: the consistency loss by hand; its gradient into both passes (into one with --stop-grad); the
+consistency term trains the network; the ramp-up."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, checkpoint, rows, run, run_keeping_step
+from scriptrun import TINY, checkpoint, rows, run, run_inprocess, run_keeping_step
 
 
 def test_consistency_loss_by_hand(data_dir, tmp_path):
@@ -27,6 +29,30 @@ def test_consistency_loss_by_hand(data_dir, tmp_path):
     assert g["loss"].item() == pytest.approx((g["loss_x"] + 7 * g["loss_u"]).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("stop_grad", [False, True])
+def test_gradient_into_both_passes_unless_stop_grad(data_dir, tmp_path, stop_grad):
+    """The paper's default: the gradient of w (2) reaches both passes, w 2 (z - z~) / (C n) into z and its negative
+    into z~; --stop-grad (TorchSSL, USB) detaches the second pass: nothing into z~, z's gradient unchanged."""
+    grads, mse_loss = {}, F.mse_loss
+
+    def spy(z, z_tilde, *a, **k):  # the step's one MSE: hooks on its two inputs keep the gradients backward brings
+        for name, p in (("z", z), ("z~", z_tilde)):
+            if p.requires_grad:
+                p.register_hook(lambda grad, name=name: grads.__setitem__(name, grad))
+        return mse_loss(z, z_tilde, *a, **k)
+
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 1, "--ramp-up", 0, "--unsup-weight", 7]
+    with mock.patch.object(F, "mse_loss", spy):
+        g = run_keeping_step("pi_model.py", *args, *(["--stop-grad"] if stop_grad else []), "--run-dir", tmp_path)
+    p1, p2 = g["logits_u1"].detach().softmax(1), g["logits_u2"].detach().softmax(1)
+    by_hand = 7 * 2 * (p1 - p2) / p1.numel()  # d/dz of w 1/(C n) sum (z - z~)^2
+    assert by_hand.abs().max() > 0 and torch.allclose(grads["z"], by_hand, rtol=1e-4, atol=1e-9)
+    if stop_grad:
+        assert list(grads) == ["z"]
+    else:
+        assert torch.allclose(grads["z~"], -by_hand, rtol=1e-4, atol=1e-9)
+
+
 def test_consistency_trains_the_network(data_dir, tmp_path):
     """Same seed, same batches: only the consistency term differs between the runs, so the weights
     must differ. (USB's Mean Teacher compared a tensor with itself for years: zero gradient,
@@ -39,6 +65,15 @@ def test_consistency_trains_the_network(data_dir, tmp_path):
     assert not torch.equal(off["conv1.weight"], on["conv1.weight"])
     assert not torch.equal(on["conv1.weight"], half["conv1.weight"])
     assert all(r["losses/unsup"] > 0 for r in rows(tmp_path / "on") if "losses/unsup" in r)
+
+
+def test_logged_weight_follows_the_sigmoid_ramp(data_dir, tmp_path):
+    """Eq. (3) at K = 10, ramp-up 0.5, w_max 2: w(t) = 2 exp(-5 (1 - min(t / 5, 1))^2) at the step t = 1..10 being
+    taken, so w_max from step 5 on. A linear ramp (TorchSSL's shape) or one counted from t - 1 fails."""
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 10, "--ramp-up", 0.5, "--unsup-weight", 2]
+    run_inprocess("pi_model.py", *args, "--log-every", 1, "--run-dir", tmp_path)
+    logged = {r["step"]: r["train/unsup_weight"] for r in rows(tmp_path) if "train/unsup_weight" in r}
+    assert logged == pytest.approx({t: 2 * math.exp(-5 * (1 - min(t / 5, 1)) ** 2) for t in range(1, 11)}, rel=1e-6)
 
 
 def test_rampup_endpoints():

@@ -1,24 +1,30 @@
 """pseudo_label.py: the weak view's own confident hard prediction is its label (the same forward, the gradient
-through the prediction only), the unlabeled term averages over all mu B images, the weight ramps up linearly over
---ramp-up of the run, and mu is 1 by default (TorchSSL, USB)."""
+through the prediction only, a confidence equal to tau kept), the unlabeled term averages over all mu B images, the
+weight ramps up linearly over --ramp-up of the run, and mu is 1 by default (TorchSSL, USB)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, middle_threshold, rows, run_inprocess, run_keeping_step
+from scriptrun import TINY, middle_threshold, rows, run_inprocess, run_keeping_graph, run_keeping_step
 
 K = 20  # steps of the ramp run
 
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
+    """probe: one step at the default tau; on: tau between two middle confidences of the probe's, its graph kept;
+    tie: tau equal to the probe's median confidence itself; ramp: K steps of the ramp-up."""
     args = [*TINY, "--data-dir", data_dir]
     probe = run_keeping_step("pseudo_label.py", *args, "--total-steps", 1, "--run-dir", tmp_path_factory.mktemp("p"))
     threshold = middle_threshold(probe["logits_w"])
     on_dir = tmp_path_factory.mktemp("on")
-    on = run_keeping_step(
+    on = run_keeping_graph(
         "pseudo_label.py", *args, "--total-steps", 1, "--threshold", threshold, "--ramp-up", 0, "--run-dir", on_dir
     )
+    confidence = probe["logits_w"].detach().softmax(1).max(1).values
+    tied = confidence.sort().values[len(confidence) // 2].item()  # a float32 value: exact as a float and as text
+    tie_dir = tmp_path_factory.mktemp("tie")
+    tie = run_keeping_step("pseudo_label.py", *args, "--total-steps", 1, "--threshold", tied, "--run-dir", tie_dir)
     ramp_dir = tmp_path_factory.mktemp("ramp")
     run_inprocess(
         "pseudo_label.py",
@@ -34,7 +40,13 @@ def runs(data_dir, tmp_path_factory):
         "--run-dir",
         ramp_dir,
     )
-    return {"probe": probe, "on": on, "threshold": threshold, "on_dir": on_dir, "ramp_dir": ramp_dir}
+    out = {"probe": probe, "on": on, "threshold": threshold, "on_dir": on_dir, "ramp_dir": ramp_dir}
+    return {**out, "tie": tie, "tied": tied}
+
+
+def test_same_first_step(runs):
+    for k in ("on", "tie"):
+        assert torch.equal(runs["probe"]["logits"], runs[k]["logits"]), k
 
 
 def test_mu_is_one_by_default(runs):
@@ -61,15 +73,27 @@ def test_unsup_loss_by_hand(runs):
 
 
 def test_the_gradient_goes_through_the_prediction_not_the_label(runs):
-    """d loss_u / d logits = mask (softmax - onehot(argmax)) / (mu B): the label is a constant."""
+    """The gradient of the script's own loss_u on the logits: mask (softmax - onehot(argmax)) / (mu B), what CE with a
+    constant label gives; a label carrying a gradient (soft, or straight-through) would add its own term."""
     g = runs["on"]
-    logits = g["logits_w"].detach().requires_grad_(True)
-    label = logits.detach().argmax(1)
-    mask = (logits.detach().softmax(1).max(1).values >= runs["threshold"]).float()
-    (F.cross_entropy(logits, label, reduction="none") * mask).mean().backward()
-    expected = mask[:, None] * (logits.detach().softmax(1) - F.one_hot(label, logits.shape[1])) / len(logits)
-    assert torch.allclose(logits.grad, expected, atol=1e-7)
-    assert g["logits_w"].requires_grad and not g["pseudo_label"].requires_grad and not g["max_probs"].requires_grad
+    (grad,) = torch.autograd.grad(g["loss_u"], [g["logits_w"]])
+    logits = g["logits_w"].detach()
+    label = logits.argmax(1)
+    mask = (logits.softmax(1).max(1).values >= runs["threshold"]).float()
+    expected = mask[:, None] * (logits.softmax(1) - F.one_hot(label, logits.shape[1])) / len(logits)
+    assert torch.allclose(grad, expected, atol=1e-8) and grad.abs().sum() > 0
+    assert not g["max_probs"].requires_grad  # the confidence is taken from detached logits too
+
+
+def test_a_confidence_equal_to_tau_passes(runs):
+    """The gate is max q >= tau (TorchSSL): --threshold set to one image's own confidence keeps that image."""
+    g, tied = runs["tie"], runs["tied"]
+    confidence = g["logits_w"].detach().softmax(1).max(1).values
+    at = (confidence == tied).nonzero().flatten()
+    assert len(at) == 1 and confidence[at].item() == tied  # the tie survives float -> text -> float -> float32 ...
+    assert not (confidence > tied)[at]  # ... so a strict gate would drop that image
+    assert g["mask"][at] == 1
+    assert torch.equal(g["mask"], (confidence >= tied).float()) and 0 < g["mask"].sum() < len(g["mask"])
 
 
 def test_the_weight_ramps_linearly(runs):

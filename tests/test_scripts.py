@@ -1,6 +1,7 @@
 """What every method script must do, end to end on CPU: a few steps on fake data with a tiny network,
 run as a user runs it (a subprocess)."""
 
+import importlib
 import json
 from unittest import mock
 
@@ -44,9 +45,30 @@ def test_kill_and_resume_is_exact(script, data_dir, tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bf16_autocast_step(script, data_dir, tmp_path):
-    run(script, *TINY, "--data-dir", data_dir, "--total-steps", 1, "--amp", "bf16", "--run-dir", tmp_path / "r")
-    weights = flat(checkpoint(tmp_path / "r")["model"])
-    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    """--amp bf16 on the CPU: every convolution and linear layer of the step (and of the evaluation) computes in
+    bf16 under autocast, and the weights stay finite; --amp none, the same run otherwise, computes in fp32 and ends
+    at other weights. In-process, to see the dtypes: a global forward hook records each layer's output dtype."""
+    dtypes, weights = {}, {}
+    for amp in ("bf16", "none"):
+        seen = dtypes[amp] = set()
+
+        def record(module, inputs, output, seen=seen):
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                seen.add((module.training, output.dtype))
+
+        hook = torch.nn.modules.module.register_module_forward_hook(record)
+        try:
+            run_inprocess(
+                script, *TINY, "--data-dir", data_dir, "--total-steps", 1, "--amp", amp, "--run-dir", tmp_path / amp
+            )
+        finally:
+            hook.remove()
+        assert json.loads((tmp_path / amp / "args.json").read_text())["amp"] == amp
+        weights[amp] = flat(checkpoint(tmp_path / amp)["model"])
+    assert dtypes["bf16"] == {(True, torch.bfloat16), (False, torch.bfloat16)}  # the step (train mode), the evaluation
+    assert dtypes["none"] == {(True, torch.float32), (False, torch.float32)}  # the hook tells the two apart
+    assert all(torch.isfinite(v).all() for v in weights["bf16"].values() if v.is_floating_point())
+    assert any(not torch.equal(v, weights["none"][k]) for k, v in weights["bf16"].items() if v.is_floating_point())
 
 
 BAD = {
@@ -178,3 +200,48 @@ def test_the_network_follows_the_dataset_unless_given():
 
     assert shape() == (28, 2) and shape("--dataset", "cifar100") == (28, 8) and shape("--dataset", "stl10") == (37, 2)
     assert shape("--dataset", "stl10", "--depth", "28") == (28, 2) and shape("--width", "1") == (28, 1)
+
+
+# Each script's recipe as its page in docs/ states it (the flags a user leaves unset). DST's tau, eta, eta' and N
+# follow --dataset and are pinned by tests/test_dst.py.
+RECIPES = {
+    "supervised.py": dict(lr=0.03, momentum=0.9, weight_decay=5e-4, total_steps=2**20, batch_size=64, mu=7),
+    "pseudo_label.py": dict(threshold=0.95, unsup_weight=1.0, ramp_up=0.4, mu=1),
+    "pi_model.py": dict(unsup_weight=10.0, ramp_up=0.4, mu=1),
+    "mean_teacher.py": dict(unsup_weight=50.0, ramp_up=0.4, mu=1, ema_decay=0.999),
+    "temporal_ensembling.py": dict(unsup_weight=30.0, ramp_up=0.4, mu=1, alpha=0.6),
+    "uda.py": dict(threshold=0.8, temperature=0.4, unsup_weight=1.0, tsa="none", mu=7),
+    "fixmatch.py": dict(threshold=0.95, unsup_weight=1.0, mu=7),
+    "flexmatch.py": dict(threshold=0.95, unsup_weight=1.0, mapping="convex", threshold_warmup=True, mu=7),
+    "dst.py": dict(pseudo_weight=1.0, grl_hi=0.1, grl_lo=0.0, grl_alpha=1.0, heads="published", mu=7),
+    "mpl.py": dict(
+        threshold=0.6,
+        warmup_steps=5000,
+        student_wait_steps=3000,
+        temperature=0.7,
+        label_smoothing=0.15,
+        uda_weight=8.0,
+        uda_steps=5000,
+        baseline_decay=0.99,
+        dropout=0.2,
+        lr=0.05,
+        teacher_lr=0.05,
+        batch_size=128,
+        total_steps=300_000,
+        ema_decay=0.995,
+        mu=7,
+        finetune_batch_size=512,
+        finetune_lr=3e-5,
+    ),
+    "maxl.py": dict(
+        psi=5, focal_gamma=2.0, aux_weight=1.0, entropy_weight=0.2, gen_lr=1e-3, gen_weight_decay=5e-4, num_labels=None
+    ),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_defaults_are_the_documented_recipe(script):
+    """The script's own parse_args with no method flag (nothing trains): the defaults are the recipe of
+    docs/<script>.md."""
+    args = importlib.import_module(script.removesuffix(".py")).parse_args(["--run-dir", "unused"])
+    assert {k: getattr(args, k) for k in RECIPES[script]} == RECIPES[script]

@@ -1,9 +1,13 @@
 """temporal_ensembling.py: the ensemble buffer and its bias-corrected target against the closed form,
-rows never sampled, the buffer in the checkpoint, the consistency term's gradient."""
+rows never sampled, the unsupervised term and its gradient by hand (rows without a target count in the mean),
+the buffer in the checkpoint, the consistency term trains the network, the ramp-up."""
+
+import math
+from unittest import mock
 
 import pytest
 import torch
-from scriptrun import TINY, checkpoint, rows, run
+from scriptrun import TINY, checkpoint, rows, run, run_inprocess, run_keeping_step
 
 
 def test_ensemble_and_target_closed_form():
@@ -28,6 +32,32 @@ def test_ensemble_and_target_closed_form():
     assert (Z[[1, 3, 4]] == 0).all()  # rows never sampled: untouched
     _, seen = ensemble_step(Z, count, torch.tensor([4]), preds[:1], alpha)
     assert not seen.any()  # ... and they contribute nothing to the loss
+
+
+def test_unsup_term_by_hand_divides_by_the_whole_batch(data_dir, tmp_path):
+    """At step 6 some of the 16 rows have a target and some not: the unsupervised term is
+    1/(C mu B) sum_i [t_i > 0] ||z_i - target_i||^2, the rows without one in the mean as zeros (not a mean over
+    the rows that have one); its gradient into z_i is w 2 [t_i > 0] (z_i - target_i) / (C mu B), the target a
+    constant."""
+    grads, softmax = [], torch.Tensor.softmax
+
+    def spy(logits, *a, **k):  # the step's z = softmax(logits_u): a hook keeps the gradient backward brings
+        z = softmax(logits, *a, **k)
+        if z.requires_grad:
+            z.register_hook(grads.append)
+        return z
+
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 6, "--ramp-up", 0, "--mu", 2, "--unsup-weight", 30]
+    with mock.patch.object(torch.Tensor, "softmax", spy):
+        g = run_keeping_step("temporal_ensembling.py", *args, "--run-dir", tmp_path)
+    z, target, seen = g["probs_u"].detach(), g["target"], g["seen"]
+    n, c = z.shape
+    assert n == 16 and torch.equal(seen, g["count"][g["idx_u"]] > 1)  # a target: updated before this step's update
+    assert 0 < seen.sum() < n  # the premise: rows with a target and rows without
+    squared = seen.unsqueeze(1) * (z - target) ** 2
+    assert g["loss_u"].item() == pytest.approx(squared.sum().item() / (c * n), rel=1e-5)
+    assert g["loss_u"].item() != pytest.approx(squared.sum().item() / (c * seen.sum().item()), rel=1e-3)
+    assert len(grads) == 6 and torch.allclose(grads[-1], 30 * 2 * seen.unsqueeze(1) * (z - target) / (c * n), atol=1e-8)
 
 
 def test_buffer_in_checkpoint_and_consistency_trains(data_dir, tmp_path):
@@ -63,3 +93,12 @@ def test_default_weight_is_the_papers_30(data_dir, tmp_path):
     assert any(r["losses/unsup"] > 0 for r in train)
     for r in train:
         assert r["losses/total"] == pytest.approx(r["losses/sup"] + 30 * r["losses/unsup"], rel=1e-5)
+
+
+def test_logged_weight_follows_the_sigmoid_ramp(data_dir, tmp_path):
+    """w(t) = w_max exp(-5 (1 - T)^2), T = min(t / (ramp_up K), 1), at K = 10, ramp-up 0.5, w_max 2 and the step
+    t = 1..10 being taken: w_max from step 5 on. A linear ramp or one counted from t - 1 fails."""
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 10, "--ramp-up", 0.5, "--unsup-weight", 2]
+    run_inprocess("temporal_ensembling.py", *args, "--log-every", 1, "--run-dir", tmp_path)
+    logged = {r["step"]: r["train/unsup_weight"] for r in rows(tmp_path) if "train/unsup_weight" in r}
+    assert logged == pytest.approx({t: 2 * math.exp(-5 * (1 - min(t / 5, 1)) ** 2) for t in range(1, 11)}, rel=1e-6)

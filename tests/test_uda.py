@@ -1,5 +1,6 @@
-"""uda.py: the mask from unsharpened probabilities, the temperature on the target only, the average
-over all unlabeled samples, no gradient through the target; TSA's schedules and its effect.
+"""uda.py: the mask from unsharpened probabilities (a confidence equal to the threshold kept), the
+temperature on the target only, the average over all unlabeled samples, no gradient through the
+target; TSA's schedules and its effect (on the true class's probability).
 
 The first step of two runs with the same seed and data sees the same batches, augmentations and
 weights, so its logits are the same whatever the UDA flags: a probe run gives them, and a second
@@ -10,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, middle_threshold, rows, run_inprocess, run_keeping_step
+from scriptrun import TINY, middle_threshold, rows, run_inprocess, run_keeping_graph, run_keeping_step
 
 T = 0.4  # the script's default --temperature
 
@@ -19,19 +20,25 @@ T = 0.4  # the script's default --temperature
 def runs(data_dir, tmp_path_factory):
     """probe: one step without the consistency term (default threshold 0.8, which nothing reaches at
     init). on: the same step with it, the threshold between two middle confidences of the probe's
-    weak view, so that part of the unlabeled batch passes and sharpening would let more through."""
+    weak view, so that part of the unlabeled batch passes and sharpening would let more through (its graph kept).
+    tie: the threshold equal to the probe's median confidence itself."""
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 1]
     probe_dir = tmp_path_factory.mktemp("probe")
     probe = run_keeping_step("uda.py", *args, "--unsup-weight", 0, "--run-dir", probe_dir)
     threshold = middle_threshold(probe["logits_weak"])
     on_dir = tmp_path_factory.mktemp("on")
-    on = run_keeping_step("uda.py", *args, "--unsup-weight", 1, "--threshold", threshold, "--run-dir", on_dir)
-    return {"probe": probe, "on": on, "threshold": threshold, "probe_dir": probe_dir, "on_dir": on_dir}
+    on = run_keeping_graph("uda.py", *args, "--unsup-weight", 1, "--threshold", threshold, "--run-dir", on_dir)
+    confidence = probe["logits_weak"].detach().softmax(1).max(1).values
+    tied = confidence.sort().values[len(confidence) // 2].item()  # a float32 value: exact as a float and as text
+    tie = run_keeping_step("uda.py", *args, "--threshold", tied, "--run-dir", tmp_path_factory.mktemp("tie"))
+    out = {"probe": probe, "on": on, "threshold": threshold, "probe_dir": probe_dir, "on_dir": on_dir}
+    return {**out, "tie": tie, "tied": tied}
 
 
 def test_same_first_step(runs):
     """The premise of the other tests: the UDA flags change nothing before the first loss."""
-    assert torch.equal(runs["probe"]["logits"], runs["on"]["logits"])
+    for k in ("on", "tie"):
+        assert torch.equal(runs["probe"]["logits"], runs[k]["logits"]), k
 
 
 def test_mask_from_unsharpened_probabilities(runs):
@@ -73,11 +80,27 @@ def test_unsup_loss_by_hand(runs):
 
 
 def test_target_is_sharpened_and_carries_no_gradient(runs):
+    """The gradient of the script's own loss_u: mask (softmax(strong) - target) / (mu B) on the strong view's logits,
+    as CE with a constant target gives, and none on the weak view's, the target's source."""
     g = runs["on"]
     assert not g["target"].requires_grad  # a constant: no gradient flows through it
-    assert g["logits_strong"].requires_grad  # the prediction it supervises is trained
     assert torch.allclose(g["target"], (g["logits_weak"].detach() / T).softmax(1), atol=1e-7)
-    assert not g["mask"].requires_grad
+    grad_weak, grad_strong = torch.autograd.grad(g["loss_u"], [g["logits_weak"], g["logits_strong"]], allow_unused=True)
+    strong, target, mask = g["logits_strong"].detach(), g["target"], g["mask"]
+    assert grad_weak is None
+    expected = mask[:, None] * (strong.softmax(1) - target) / len(strong)
+    assert torch.allclose(grad_strong, expected, atol=1e-8) and grad_strong.abs().sum() > 0
+
+
+def test_a_confidence_equal_to_the_threshold_passes(runs):
+    """The mask keeps max p >= beta (TorchSSL): --threshold set to one image's own confidence keeps that image."""
+    g, tied = runs["tie"], runs["tied"]
+    confidence = g["logits_weak"].detach().softmax(1).max(1).values
+    at = (confidence == tied).nonzero().flatten()
+    assert len(at) == 1 and confidence[at].item() == tied  # the tie survives float -> text -> float -> float32 ...
+    assert not (confidence > tied)[at]  # ... so a strict gate would drop that image
+    assert g["mask"][at] == 1
+    assert torch.equal(g["mask"], (confidence >= tied).float()) and 0 < g["mask"].sum() < len(g["mask"])
 
 
 def test_consistency_trains_the_network(runs):
@@ -114,22 +137,30 @@ def test_tsa_schedule_midpoints():
 
 
 def probe_supervised(runs):
-    """Step 1's labeled logits, labels, true-class probabilities and per-example CE (from the probe)."""
+    """Step 1's true-class probabilities, top-class probabilities and per-example CE (from the probe)."""
     logits_l, y_l = runs["probe"]["logits_l"].detach(), runs["probe"]["y_l"]
-    return logits_l.softmax(1).gather(1, y_l[:, None]).squeeze(1), F.cross_entropy(logits_l, y_l, reduction="none")
+    probs = logits_l.softmax(1)
+    return (
+        probs.gather(1, y_l[:, None]).squeeze(1),
+        probs.max(1).values,
+        F.cross_entropy(logits_l, y_l, reduction="none"),
+    )
 
 
 def test_tsa_leaves_out_confident_examples(runs, data_dir, tmp_path):
     """--tsa exp with the shortest K whose eta_1 falls under the largest true-class probability of
-    step 1: the examples above eta_1 leave the supervised term, which is the mean of the others."""
+    step 1: the examples above eta_1 leave the supervised term, which is the mean of the others. TSA gates on the
+    probability of the TRUE class, not the top one: on this batch the two give other examples."""
     import uda
 
-    p_true, ce = probe_supervised(runs)
+    p_true, p_top, ce = probe_supervised(runs)
     K = next((k for k in range(1, 11) if uda.tsa_threshold("exp", 1, k, 10) < p_true.max()), None)
     assert K is not None, "the probe's predictions are too flat for a short run"
     eta_1 = uda.tsa_threshold("exp", 1, K, 10)
     kept = (p_true <= eta_1).float()
     assert 0 < kept.sum() < len(kept)
+    kept_top = (p_top <= eta_1).float()
+    assert not torch.equal(kept, kept_top)  # the case can fail a TSA on the top-class probability
     run_inprocess(
         "uda.py",
         *TINY,
@@ -149,14 +180,16 @@ def test_tsa_leaves_out_confident_examples(runs, data_dir, tmp_path):
     assert first["train/tsa_threshold"] == pytest.approx(eta_1, rel=1e-6)
     assert first["train/tsa_kept"] == pytest.approx(kept.mean().item(), rel=1e-6)
     assert first["losses/sup"] == pytest.approx(((ce * kept).sum() / kept.sum()).item(), rel=1e-5)
-    for wrong in (ce.mean(), (ce * kept).mean()):  # no TSA; TorchSSL's division by B
+    top = (ce * kept_top).sum() / kept_top.sum().clamp(min=1)
+    for wrong in (ce.mean(), (ce * kept).mean(), top):  # no TSA; TorchSSL's division by B; the top-class gate
         assert first["losses/sup"] != pytest.approx(wrong.item(), rel=1e-3)
+    assert first["train/tsa_kept"] != pytest.approx(kept_top.mean().item())
 
 
 def test_tsa_linear_end_to_end(runs, data_dir, tmp_path):
     """Two steps of --tsa linear: eta = 0.55 then 1 (everything kept: the plain mean at step 1), logged
     each step, and the run evaluates and saves as any other."""
-    p_true, ce = probe_supervised(runs)
+    p_true, _, ce = probe_supervised(runs)
     assert p_true.max() < 0.55
     g = run_inprocess(
         "uda.py",
