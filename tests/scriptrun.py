@@ -246,6 +246,18 @@ def same(a, b):
     return type(a) is type(b) and (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
 
 
+def assert_tie_kept(logits, mask, tied):
+    """A >= gate at a tie: exactly one image's max-softmax confidence equals the threshold `tied` (a float32 value
+    passed as text: the tie survives float -> text -> float -> float32), a strict gate would drop it, the mask keeps
+    it, and the mask is the >= mask of the whole batch, cutting it."""
+    confidence = logits.detach().softmax(1).max(1).values
+    at = (confidence == tied).nonzero().flatten()
+    assert len(at) == 1 and confidence[at].item() == tied
+    assert not (confidence > tied)[at]
+    assert mask[at] == 1
+    assert torch.equal(mask, (confidence >= tied).float()) and 0 < mask.sum() < len(mask)
+
+
 def middle_threshold(logits):
     """A confidence threshold halfway between the two middle max-softmax values of these logits: about half of
     the batch passes it, so a test can tell a right mask from a wrong one."""

@@ -8,7 +8,7 @@ between two of its middle confidences, so that part of the batch passes and a wr
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, middle_threshold, rows, run_keeping_graph, run_keeping_step
+from scriptrun import TINY, assert_tie_kept, middle_threshold, rows, run_keeping_graph, run_keeping_step
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,4 @@ def test_the_label_is_a_constant_and_the_strong_view_gets_the_gradient(runs):
 def test_a_confidence_equal_to_tau_passes(runs):
     """The gate is max q >= tau (Eq. 4, TorchSSL): --threshold set to one image's own confidence keeps that image."""
     g, tied = runs["tie"], runs["tied"]
-    confidence = g["logits_w"].detach().softmax(1).max(1).values
-    at = (confidence == tied).nonzero().flatten()
-    assert len(at) == 1 and confidence[at].item() == tied  # the tie survives float -> text -> float -> float32 ...
-    assert not (confidence > tied)[at]  # ... so a strict gate would drop that image
-    assert g["mask"][at] == 1
-    assert torch.equal(g["mask"], (confidence >= tied).float()) and 0 < g["mask"].sum() < len(g["mask"])
+    assert_tie_kept(g["logits_w"], g["mask"], tied)

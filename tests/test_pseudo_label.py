@@ -5,7 +5,7 @@ weight ramps up linearly over --ramp-up of the run, and mu is 1 by default (Torc
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, middle_threshold, rows, run_inprocess, run_keeping_graph, run_keeping_step
+from scriptrun import TINY, assert_tie_kept, middle_threshold, rows, run_inprocess, run_keeping_graph, run_keeping_step
 
 K = 20  # steps of the ramp run
 
@@ -88,12 +88,7 @@ def test_the_gradient_goes_through_the_prediction_not_the_label(runs):
 def test_a_confidence_equal_to_tau_passes(runs):
     """The gate is max q >= tau (TorchSSL): --threshold set to one image's own confidence keeps that image."""
     g, tied = runs["tie"], runs["tied"]
-    confidence = g["logits_w"].detach().softmax(1).max(1).values
-    at = (confidence == tied).nonzero().flatten()
-    assert len(at) == 1 and confidence[at].item() == tied  # the tie survives float -> text -> float -> float32 ...
-    assert not (confidence > tied)[at]  # ... so a strict gate would drop that image
-    assert g["mask"][at] == 1
-    assert torch.equal(g["mask"], (confidence >= tied).float()) and 0 < g["mask"].sum() < len(g["mask"])
+    assert_tie_kept(g["logits_w"], g["mask"], tied)
 
 
 def test_the_weight_ramps_linearly(runs):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import TINY, middle_threshold, rows, run_inprocess, run_keeping_graph, run_keeping_step
+from scriptrun import TINY, assert_tie_kept, middle_threshold, rows, run_inprocess, run_keeping_graph, run_keeping_step
 
 T = 0.4  # the script's default --temperature
 
@@ -95,12 +95,7 @@ def test_target_is_sharpened_and_carries_no_gradient(runs):
 def test_a_confidence_equal_to_the_threshold_passes(runs):
     """The mask keeps max p >= beta (TorchSSL): --threshold set to one image's own confidence keeps that image."""
     g, tied = runs["tie"], runs["tied"]
-    confidence = g["logits_weak"].detach().softmax(1).max(1).values
-    at = (confidence == tied).nonzero().flatten()
-    assert len(at) == 1 and confidence[at].item() == tied  # the tie survives float -> text -> float -> float32 ...
-    assert not (confidence > tied)[at]  # ... so a strict gate would drop that image
-    assert g["mask"][at] == 1
-    assert torch.equal(g["mask"], (confidence >= tied).float()) and 0 < g["mask"].sum() < len(g["mask"])
+    assert_tie_kept(g["logits_weak"], g["mask"], tied)
 
 
 def test_consistency_trains_the_network(runs):
