@@ -1,6 +1,7 @@
 """What every method script must do, end to end on CPU: a few steps on fake data with a tiny network,
 run as a user runs it (a subprocess)."""
 
+import functools
 import importlib
 import json
 from unittest import mock
@@ -9,6 +10,7 @@ import pytest
 import torch
 from scriptrun import TINY, checkpoint, flat, rows, run, run_inprocess, run_killed, same
 from scripts import SCRIPTS
+from torch._dynamo.testing import CompileCounterWithBackend
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -69,6 +71,29 @@ def test_bf16_autocast_step(script, data_dir, tmp_path):
     assert dtypes["none"] == {(True, torch.float32), (False, torch.float32)}  # the hook tells the two apart
     assert all(torch.isfinite(v).all() for v in weights["bf16"].values() if v.is_floating_point())
     assert any(not torch.equal(v, weights["none"][k]) for k, v in weights["bf16"].items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_compile_wraps_the_trained_network_and_changes_nothing(script, data_dir, tmp_path):
+    """--compile: dynamo traces the network the step calls (graphs reach the backend), the checkpoint holds the
+    plain module's keys (no `_orig_mod.` prefix: it loads without --compile) and the run ends where the eager run
+    does, every tensor and every logged number. The aot_eager backend runs the traced graphs with torch's own
+    kernels, bit for bit; inductor needs a C++ compiler and minutes of CPU: a one-off ran it (docs/supervised.md)."""
+    counter = CompileCounterWithBackend("aot_eager")
+    compile_with_counter = functools.partial(torch.compile, backend=counter)
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 6]
+    torch._dynamo.reset()  # dynamo recompiles a code object only so often: a fresh cache for this script's network
+    try:
+        run_inprocess(script, *args, "--run-dir", tmp_path / "eager")
+        with mock.patch.object(torch, "compile", compile_with_counter):
+            run_inprocess(script, *args, "--compile", "--run-dir", tmp_path / "compiled")
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count >= 1 and counter.op_count > 0
+    a, b = (flat({k: v for k, v in checkpoint(tmp_path / d).items() if k != "args"}) for d in ("eager", "compiled"))
+    assert a.keys() == b.keys() and not any("_orig_mod" in k for k in b)
+    assert [k for k in a if not same(a[k], b[k])] == []
+    assert rows(tmp_path / "eager") == rows(tmp_path / "compiled")
 
 
 BAD = {
