@@ -246,6 +246,13 @@ def same(a, b):
     return type(a) is type(b) and (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
 
 
+def same_run(a, b):
+    """Two run dirs hold checkpoints with the same keys and the same tensors (bit for bit), and the same metric rows."""
+    ca, cb = flat(checkpoint(a)), flat(checkpoint(b))
+    differ = [k for k, v in ca.items() if isinstance(v, torch.Tensor) and not torch.equal(v, cb[k])]
+    return ca.keys() == cb.keys() and differ == [] and rows(a) == rows(b)
+
+
 def assert_tie_kept(logits, mask, tied):
     """A >= gate at a tie: exactly one image's max-softmax confidence equals the threshold `tied` (a float32 value
     passed as text: the tie survives float -> text -> float -> float32), a strict gate would drop it, the mask keeps

@@ -12,19 +12,12 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from scriptrun import ROOT, TINY, checkpoint, flat, rows, run_frozen_replay, run_inprocess
+from scriptrun import ROOT, TINY, checkpoint, rows, run_frozen_replay, run_inprocess, same_run
 from scripts import SCRIPTS
 
 import common
 
 STEPS = ["--total-steps", 8, "--log-every", 3, "--eval-every", 8, "--save-every", 8]  # 3 warm-up calls, 5 replays
-
-
-def same_run(a, b):
-    """Two run dirs hold the same checkpoint tensors (bit for bit) and the same metric rows."""
-    ca, cb = flat(checkpoint(a)), flat(checkpoint(b))
-    differ = [k for k, v in ca.items() if isinstance(v, torch.Tensor) and not torch.equal(v, cb[k])]
-    return differ == [] and rows(a) == rows(b)
 
 
 REPLAYED = [(script, (), ["train_step"]) for script in SCRIPTS]
