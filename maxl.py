@@ -458,7 +458,7 @@ if __name__ == "__main__":
     state = dict(model=model, ema_model=ema_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
     # ALGO LOGIC: the label-generation network theta_2, its plain SGD, schedule and scaler (Single: none)
-    generator, slots = None, slot_mask(num_classes, args.psi).to(device)  # slots: (C, C psi), built once
+    generator, train_generator, slots = None, None, slot_mask(num_classes, args.psi).to(device)  # slots: (C, C psi)
     if args.aux_weight > 0:  # --aux-weight 0 is the Single baseline: no generator and no meta step
         generator = common.WideResNet(num_classes * args.psi, args.depth, args.width, info.channels, args.bn_momentum)
         if args.sync_bn:  # DISTRIBUTED
@@ -627,4 +627,5 @@ if __name__ == "__main__":
         print(f"done: step {step} | eval acc {acc:.2f} (best {best_acc:.2f}) | {elapsed} | {run_dir}", flush=True)
     if world > 1:  # DISTRIBUTED: every rank done (rank 0 may still be saving) before the group goes
         dist.barrier()
+        del train_model, train_generator  # DDP holds the group: gone, its threads end now, not in interpreter teardown
         dist.destroy_process_group()

@@ -24,7 +24,7 @@ import torch
 from scriptrun import OFFLINE, ROOT, TINY, checkpoint, flat, rows, run, same
 from scripts import SCRIPTS
 
-ENV = {**OFFLINE, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+ENV = {**OFFLINE, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # 2 processes, 2 cores; a crash prints its stack
 
 
 def torchrun_cmd(script, *args):
@@ -44,14 +44,34 @@ def torchrun(script, *args, env=None):
     proc = subprocess.run(
         torchrun_cmd(script, *args), capture_output=True, text=True, cwd=ROOT, env={**ENV, **(env or {})}, timeout=300
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-6000:]
     return proc
+
+
+# A driver that runs the script as torchrun would, then writes the names of the threads the process still
+# has while the script's globals are alive (as they are in a plain run until interpreter teardown).
+THREADS_DRIVER = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+sys.argv = sys.argv[1:]
+g = runpy.run_path(sys.argv[0], run_name="__main__")
+names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+open(os.environ["THREADS"] + os.environ["RANK"], "w").write(" ".join(sorted(names)))
+"""
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_processes_run_and_rank_0_alone_writes(script, data_dir, tmp_path):
-    out = tmp_path / "run"
-    proc = torchrun(script, *TINY, "--data-dir", data_dir, "--total-steps", 12, "--run-dir", out)
+    """Each script under torchrun; rank 0 alone writes. The group's gloo threads end when the script
+    does: DDP holds the group, so threads left running into interpreter teardown (which SIGABRTed a
+    rank now and then: "terminate called without an active exception") mean a DDP wrapper was kept."""
+    driver, out, threads = tmp_path / "driver.py", tmp_path / "run", tmp_path / "threads"
+    driver.write_text(THREADS_DRIVER.format(root=str(ROOT)))
+    args = (*TINY, "--data-dir", data_dir, "--total-steps", 12, "--run-dir", out)
+    proc = torchrun(driver, script, *args, env={"THREADS": str(threads)})
+    for r in (0, 1):
+        names = (tmp_path / f"threads{r}").read_text().split()
+        assert names and not [n for n in names if "gloo" in n], f"rank {r} still runs {names}"
     assert sorted(p.name for p in out.iterdir()) == [
         "args.json",
         "checkpoint.pt",
