@@ -656,5 +656,8 @@ if __name__ == "__main__":
         print(f"done: step {step} | eval acc {acc:.2f} (best {best_acc:.2f}) | {elapsed} | {run_dir}", flush=True)
     if world > 1:  # DISTRIBUTED: every rank done (rank 0 may still be saving) before the group goes
         dist.barrier()
-        del train_model, train_teacher  # DDP holds the group: gone, its threads end now, not in interpreter teardown
+        del train_model  # DDP holds the group: gone, its threads end now, not in interpreter teardown
+        # ALGO LOGIC: the teacher's DDP wrapper holds the group too
+        del train_teacher
+        # TRY NOT TO MODIFY: no DDP wrapper is left: the group and its threads end here
         dist.destroy_process_group()

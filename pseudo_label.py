@@ -495,4 +495,5 @@ if __name__ == "__main__":
     if world > 1:  # DISTRIBUTED: every rank done (rank 0 may still be saving) before the group goes
         dist.barrier()
         del train_model  # DDP holds the group: gone, its threads end now, not in interpreter teardown
+        # TRY NOT TO MODIFY: no DDP wrapper is left: the group and its threads end here
         dist.destroy_process_group()
