@@ -12,6 +12,7 @@ import gzip
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from urllib.error import URLError
 
@@ -134,15 +135,18 @@ def _torchvision_splits(name, root, download, svhn_extra=True):
 
 def _unpack_debian_fashion_mnist(root):
     """Gunzip Debian's Fashion-MNIST files into the folder torchvision's loader reads. (Debian
-    re-compressed them, so torchvision's md5 of the .gz archives would not match.)"""
+    re-compressed them, so torchvision's md5 of the .gz archives would not match.) Each file is
+    written under a temporary name and renamed whole: processes unpacking at once (torchrun's
+    ranks on a fresh data dir) never read another's half-written file."""
     raw = os.path.join(root, "FashionMNIST", "raw")
     os.makedirs(raw, exist_ok=True)
     for fname, _ in torchvision.datasets.FashionMNIST.resources:
         with (
             gzip.open(os.path.join(DEBIAN_FASHION_MNIST, fname)) as src,
-            open(os.path.join(raw, fname[:-3]), "wb") as dst,
+            tempfile.NamedTemporaryFile(dir=raw, suffix=".part", delete=False) as dst,
         ):
             shutil.copyfileobj(src, dst)
+        os.replace(dst.name, os.path.join(raw, fname[:-3]))
 
 
 def load_dataset(name, data_dir="./data", svhn_extra=True):

@@ -1,5 +1,7 @@
 """common.py: the labeled split, the datasets through the real torchvision loaders, the WideResNet."""
 
+import gzip
+import shutil
 from urllib.error import URLError
 
 import numpy as np
@@ -94,11 +96,24 @@ def test_svhn_training_set_is_train_plus_extra(tmp_path, patched_integrity, monk
 
 
 def test_fashion_mnist_from_debian_package(tmp_path, monkeypatch):
+    """Loaded from the package's .gz files; while they are unpacked, a file under its final name is
+    always whole (another rank may be reading it), and no temporary file is left."""
     truth = make_debian_fashion_mnist(tmp_path / "debian")
     monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    sizes = {f.name[:-3]: len(gzip.decompress(f.read_bytes())) for f in (tmp_path / "debian").glob("*.gz")}
+    seen, copy = [], shutil.copyfileobj
+
+    def copy_and_look(src, dst, *args):
+        seen.append({f.name: f.stat().st_size for f in raw.iterdir() if f.name in sizes})
+        return copy(src, dst, *args)
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_and_look)
     train_x, train_y, test_x, test_y, _ = common.load_dataset("fashion_mnist", str(tmp_path / "data"))
     assert torch.equal(train_x, torch.from_numpy(truth["train_x"]))
     assert torch.equal(test_y, torch.from_numpy(truth["test_y"]))
+    assert len(seen) == 4 and all(size == sizes[name] for files in seen for name, size in files.items())
+    assert sorted(f.name for f in raw.iterdir()) == sorted(sizes)
 
 
 def test_missing_data_says_what_to_put_where(tmp_path, monkeypatch):
