@@ -305,10 +305,15 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
     torch.set_float32_matmul_precision("high")
+    if rank > 0:  # DISTRIBUTED: rank 0 downloads or unpacks the data first; the others then read it from disk
+        dist.barrier()
     try:
         data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device, args.svhn_extra)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
+    finally:
+        if world > 1 and rank == 0:  # DISTRIBUTED: on disk now (or not: each rank then fails with the same line)
+            dist.barrier()
     info = data.info
     sizes = [len(data.x_unlabeled), len(data.x_test), info.num_classes]  # the data a resume must find again
     if ckpt is not None and ckpt.get("data", sizes) != sizes:

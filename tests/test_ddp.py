@@ -48,29 +48,47 @@ def torchrun(script, *args, env=None):
     return proc
 
 
-# A driver that runs the script as torchrun would, then writes the names of the threads the process still
-# has while the script's globals are alive (as they are in a plain run until interpreter teardown).
-THREADS_DRIVER = """
-import os, runpy, sys
+# A driver that runs the script as torchrun would, and records two things under the prefix $WATCH:
+# whether rank 1 began loading the data after rank 0 had it (rank 0 takes a second longer than its load), and
+# the names of the threads the process still has while the script's globals are alive (as in a plain run,
+# until interpreter teardown).
+WATCH_DRIVER = """
+import os, runpy, sys, time
 sys.path.insert(0, {root!r})
+import common
+
+rank, watch, load = os.environ["RANK"], os.environ["WATCH"], common.load_ssl_data
+
+def load_in_turn(*args, **kwargs):
+    if rank != "0":
+        open(watch + "order", "w").write("after" if os.path.exists(watch + "loaded") else "during")
+    data = load(*args, **kwargs)
+    if rank == "0":
+        time.sleep(1)
+        open(watch + "loaded", "w").close()
+    return data
+
+common.load_ssl_data = load_in_turn
 sys.argv = sys.argv[1:]
 g = runpy.run_path(sys.argv[0], run_name="__main__")
 names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-open(os.environ["THREADS"] + os.environ["RANK"], "w").write(" ".join(sorted(names)))
+open(watch + "threads" + rank, "w").write(" ".join(sorted(names)))
 """
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_processes_run_and_rank_0_alone_writes(script, data_dir, tmp_path):
-    """Each script under torchrun; rank 0 alone writes. The group's gloo threads end when the script
-    does: DDP holds the group, so threads left running into interpreter teardown (which SIGABRTed a
-    rank now and then: "terminate called without an active exception") mean a DDP wrapper was kept."""
-    driver, out, threads = tmp_path / "driver.py", tmp_path / "run", tmp_path / "threads"
-    driver.write_text(THREADS_DRIVER.format(root=str(ROOT)))
+    """Each script under torchrun; rank 0 alone writes. Rank 0 loads the data first (it downloads or
+    unpacks it; the others then read it from disk). The group's gloo threads end when the script does:
+    DDP holds the group, so threads left running into interpreter teardown (which SIGABRTed a rank now
+    and then: "terminate called without an active exception") mean a DDP wrapper was kept."""
+    driver, out, watch = tmp_path / "driver.py", tmp_path / "run", tmp_path / "watch_"
+    driver.write_text(WATCH_DRIVER.format(root=str(ROOT)))
     args = (*TINY, "--data-dir", data_dir, "--total-steps", 12, "--run-dir", out)
-    proc = torchrun(driver, script, *args, env={"THREADS": str(threads)})
+    proc = torchrun(driver, script, *args, env={"WATCH": str(watch)})
+    assert (tmp_path / "watch_order").read_text() == "after", "rank 1 loaded the data while rank 0 did"
     for r in (0, 1):
-        names = (tmp_path / f"threads{r}").read_text().split()
+        names = (tmp_path / f"watch_threads{r}").read_text().split()
         assert names and not [n for n in names if "gloo" in n], f"rank {r} still runs {names}"
     assert sorted(p.name for p in out.iterdir()) == [
         "args.json",
