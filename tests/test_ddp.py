@@ -143,7 +143,13 @@ def test_two_processes_of_half_the_batch_train_as_one(data_dir, tmp_path):
     momentum buffers and the EMA agree to float rounding, the logged losses too. A run without the
     all-reduce would follow y_0 alone and fail. BatchNorm running variances are updated with the
     unbiased variance, n / (n - 1) times the batch variance, with n twice as large in the single
-    process: they agree only to about 1 / n (looser tolerance)."""
+    process: they agree only to about 1 / n (looser tolerance).
+
+    Weights and momentum are compared as whole vectors. Eight steps amplify float rounding, and a
+    small-norm tensor carries it relative to itself: on an AVX-512 CPU, one single-process run with
+    oneDNN's convolutions and one without moved a BatchNorm bias by 4 % of its norm, the whole model
+    by 3.5e-4. Without the all-reduce, the model moves by 1.3e-2, the momentum by 0.8, and the logged
+    losses by up to 6e-2."""
     driver = tmp_path / "driver.py"
     driver.write_text(EQUAL_DRIVER.format(root=str(ROOT)))
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 8, "--log-every", 2]
@@ -159,23 +165,19 @@ def test_two_processes_of_half_the_batch_train_as_one(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     torchrun(driver, "supervised.py", *args, "--batch-size", 4, "--run-dir", two)
     a, b = checkpoint(one), checkpoint(two)
-    close = lambda x, y, rel: (x - y).norm() <= rel * y.norm()  # float rounding: relative to the tensor's size
+    whole = lambda tensors: torch.cat([v.flatten() for v in tensors])
+    close = lambda x, y, rel: (x - y).norm() <= rel * y.norm()  # relative to the vector's size
     for part in ("model", "ema_model"):
+        floats = [k for k, v in a[part].items() if v.is_floating_point() and not k.endswith("running_var")]
+        assert close(whole(b[part][k] for k in floats), whole(a[part][k] for k in floats), 1e-3), part
         for k, v in a[part].items():
             if k.endswith("running_var"):
                 torch.testing.assert_close(b[part][k], v, rtol=1e-2, atol=0)
-            elif v.is_floating_point():
-                assert close(b[part][k], v, 1e-5), f"{part}.{k}"
-            else:
+            elif not v.is_floating_point():
                 assert torch.equal(b[part][k], v)  # num_batches_tracked
     momentum_a, momentum_b = (flat(c["optimizer"]["state"]) for c in (a, b))
     assert momentum_a.keys() == momentum_b.keys() and momentum_a
-    # as one vector: a buffer whose gradient cancels to ~1e-6 is rounding noise relative to itself
-    assert close(
-        torch.cat([v.flatten() for v in momentum_b.values()]),
-        torch.cat([v.flatten() for v in momentum_a.values()]),
-        1e-4,
-    )
+    assert close(whole(momentum_b.values()), whole(momentum_a.values()), 2e-2)
     ra, rb = rows(one), rows(two)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) > 4
     for x, y in zip(ra, rb):
