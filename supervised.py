@@ -237,8 +237,10 @@ def load_checkpoint(run_dir, args, world, device):
 
 def save_checkpoint(obj, path):
     """Atomic: a kill at any moment leaves the previous file whole; a failed write (a full disk) leaves no temp file
-    and ends the run with one line."""
-    tmp = path.with_name(path.name + ".tmp")
+    and ends the run with one line. A Ctrl-C or SIGTERM during the write is held until the file is whole (raised in
+    torch.save's write callback, it would break the file and read as a failed write)."""
+    tmp, held = path.with_name(path.name + ".tmp"), []
+    handlers = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -250,6 +252,11 @@ def save_checkpoint(obj, path):
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
             fail(f"cannot write {path} ({' '.join(str(e).split())[:100]}): the previous one is kept; free space")
         raise
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    for s in held[:1]:  # now to the run's own handler
+        signal.raise_signal(s)
 
 
 def inference_model(ema_model, args, info, step):

@@ -307,6 +307,55 @@ def test_unwritable_run_dirs_are_refused_before_the_data_loads(capsys, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+# A driver whose first torch.save gets the signal from inside its own writes: the moment a Ctrl-C during a save
+# lands in the write callback of torch's zip writer.
+SIGNAL_IN_SAVE_DRIVER = """
+import os, runpy, signal, sys
+import torch
+
+save, sent = torch.save, []
+
+class Tripwire:
+    def __init__(self, f):
+        self.f = f
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def write(self, data):
+        if not sent:
+            sent.append(os.kill(os.getpid(), int(os.environ["SIGNUM"])))
+        return self.f.write(data)
+
+torch.save = lambda obj, f, *args, **kwargs: save(obj, f if sent else Tripwire(f), *args, **kwargs)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as python script.py would
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_save_waits_for_the_file(signum, data_dir, tmp_path):
+    """The signal arrives inside torch.save's writes of the first checkpoint: the file is finished, then the run
+    stops as on any Ctrl-C (exit 130, one line). Raised inside the write callback, it broke the file and read as a
+    failed write ("cannot write ... free space", exit 2)."""
+    driver, run_dir = tmp_path / "driver.py", tmp_path / "run"
+    driver.write_text(SIGNAL_IN_SAVE_DRIVER)
+    cmd = [sys.executable, driver, ROOT / "supervised.py", *TINY, "--data-dir", data_dir, "--run-dir", run_dir]
+    proc = subprocess.run(
+        list(map(str, [*cmd, "--total-steps", 6, "--save-every", 2])),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**OFFLINE, "SIGNUM": str(int(signum))},
+        timeout=300,
+    )
+    err = proc.stderr.strip()
+    assert proc.returncode == 130 and len(err.splitlines()) == 1, err
+    assert f"interrupted at step 2; continue with: python supervised.py --resume {run_dir}" in err
+    assert checkpoint(run_dir)["step"] == 2 and not list(run_dir.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler or torchrun stopping the run
 def test_ctrl_c_says_how_to_resume(signum, data_dir, tmp_path):
     run_dir = tmp_path / "run"
