@@ -20,19 +20,20 @@ checkpoint on the test set five ways:
 Every recomputation draws the same batches (the RNG is seeded with --seed first). Writes <out>.md (a row per
 checkpoint, then each column's mean, sample std and range over the rows from --from-step) and <out>.json. The
 run, its log and the kept checkpoints are in --work-dir (default runs/bench_ema_bn/<script>_<dataset>_<labels>_<seed>).
+If the script refuses its arguments or data (exit 2), this says why in one line and leaves no --work-dir.
 """
 
 import copy
 import json
 import os
-import statistics
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from convergence import OFFLINE, RUNS, machine_line, script_args
+from convergence import OFFLINE, RUNS, machine_line, mean_std, read_metrics, script_args
 from scripts import ROOT, fail, parser, positive
 
 sys.path.insert(0, str(ROOT))
@@ -66,8 +67,12 @@ def keep_checkpoints(cmd, run_dir, keep, log_path, stop):
             if finished:
                 break
             time.sleep(0.005)
+    if proc.returncode == 2:  # bad arguments or data: the script wrote nothing, and neither does this
+        why = (log_path.read_text().strip().splitlines() or ["exit code 2"])[-1]
+        shutil.rmtree(keep.parent)
+        fail(f"{cmd[1]} refused to run: {why}")
     if proc.returncode not in (0, -9):
-        fail(f"{' '.join(cmd[1:3])} ... exited with code {proc.returncode}: see {log_path}")
+        fail(f"{cmd[1]} exited with code {proc.returncode}: see {log_path}")
     return {torch.load(p, map_location="cpu", weights_only=True)["step"]: p for p in links}
 
 
@@ -125,10 +130,9 @@ def evaluate(ckpt, data, args, device):
     }
 
 
-def check_against_run(rows, metrics_path):
+def check_against_run(rows, run_dir):
     """ema and raw are what the script logged as eval/acc and eval/acc_raw at the same steps (same computation)."""
-    logged = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    logged = {r["step"]: r for r in logged if "eval/acc" in r}
+    logged = {r["step"]: r for r in read_metrics(run_dir) if "eval/acc" in r}  # a row cut by the kill is left out
     for row in rows:
         run = logged.get(row["step"])
         if run is None or abs(run["eval/acc"] - row["ema"]) > 0.01 or abs(run["eval/acc_raw"] - row["raw"]) > 0.01:
@@ -136,13 +140,13 @@ def check_against_run(rows, metrics_path):
 
 
 def summary(rows, from_step):
-    """Per column over the rows from `from_step`: mean, sample std (n - 1) and min and max."""
+    """Per column over the rows from `from_step`: mean, sample std (n - 1; None for one row) and min and max."""
     rows = [r for r in rows if r["step"] >= from_step]
     out = {}
     for c in COLUMNS:
         values = [r[c] for r in rows]
-        std = statistics.stdev(values) if len(values) > 1 else float("nan")
-        out[c] = {"mean": statistics.mean(values), "std": std, "min": min(values), "max": max(values)}
+        mean, std = mean_std(values)
+        out[c] = {"mean": mean, "std": std, "min": min(values), "max": max(values)}
     return out
 
 
@@ -213,8 +217,9 @@ def main():
         ckpt = torch.load(kept[step], map_location=device, weights_only=True)
         rows.append({"step": step, **evaluate(ckpt, data, args, device)})
         print(" | ".join(f"{k} {v:.2f}" if k != "step" else f"step {v}" for k, v in rows[-1].items()), flush=True)
-    check_against_run(rows, run_dir / "metrics.jsonl")
+    check_against_run(rows, run_dir)
     stats = summary(rows, args.from_step)
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
     lines = [
         f"# The EMA model and its BatchNorm statistics: {args.script}, {args.dataset}, {args.num_labels} labels, "
         f"seed {args.seed}",
@@ -233,7 +238,7 @@ def main():
         "",
         "| | " + " | ".join(COLUMNS) + " |",
         "| --- |" + " ---: |" * len(COLUMNS),
-        "| mean ± std | " + " | ".join(f"{stats[c]['mean']:.2f} ± {stats[c]['std']:.2f}" for c in COLUMNS) + " |",
+        "| mean ± std | " + " | ".join(f"{stats[c]['mean']:.2f} ± {fmt(stats[c]['std'])}" for c in COLUMNS) + " |",
         "| range | " + " | ".join(f"{stats[c]['min']:.2f}-{stats[c]['max']:.2f}" for c in COLUMNS) + " |",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -378,6 +378,30 @@ def test_ema_bn_tiny_keeps_each_checkpoint_and_reproduces_the_runs_evaluation(tm
     assert "| 8 | " in (out.parent / "ema_bn_bn0.1.md").read_text()
 
 
+def test_ema_bn_passes_on_the_scripts_refusal_in_one_line_and_leaves_nothing(tmp_path, data_dir):
+    work = tmp_path / "work"
+    proc = bench(
+        "ema_bn.py",
+        "--dataset",
+        "fashion_mnist",
+        "--data-dir",
+        data_dir,
+        "--num-labels",
+        7,
+        "--every",
+        4,
+        "--total-steps",
+        8,
+        "--work-dir",
+        work,
+        "--out",
+        tmp_path / "out" / "x",
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "supervised.py refused to run: " in proc.stderr and "--num-labels 7" in proc.stderr
+    assert not work.exists() and not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------ gpu_check
 def test_gpu_check_compares_and_resumes_on_the_cpu(tmp_path):
     """bench/gpu_check.py's own machinery, which a lent GPU runs once: its comparison and its resume check, run on
