@@ -457,7 +457,8 @@ if __name__ == "__main__":
         """One training step, from the batch draw to the metric sums: what --cuda-graph captures and replays."""
         # ALGO LOGIC: one forward of [labeled, unlabeled]; targets from the ensemble of past predictions; the update
         _, x_l, y_l = common.sample_batch(args.batch_size, data.x_labeled, data.y_labeled)
-        idx_u, x_u = common.sample_batch(args.mu * args.batch_size, data.x_unlabeled[rank::world], replace=False)
+        shard = data.x_unlabeled[rank::world], data.y_unlabeled[rank::world]  # DISTRIBUTED: this rank's rows
+        idx_u, x_u, y_u = common.sample_batch(args.mu * args.batch_size, *shard, replace=False)
         idx_u = rank + world * idx_u  # DISTRIBUTED: rows of this rank's shard rank::world, as indices into Z
         with autocast:
             logits = train_model(prep(common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip))).float()
@@ -471,6 +472,8 @@ if __name__ == "__main__":
         loss = loss_x + unsup_w * loss_u  # unsup_w: w(t), the sigmoid ramp-up, filled in the loop
         stats = {"losses/total": loss, "losses/sup": loss_x, "losses/unsup": loss_u}
         stats.update({"train/unsup_weight": unsup_w, "train/target_ratio": seen.float().mean()})
+        known = seen & (y_u >= 0)  # rows with a target whose label is known (for logging only)
+        stats["train/target_acc"] = (known & (target.argmax(1) == y_u)).sum() / known.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

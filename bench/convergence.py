@@ -20,7 +20,8 @@ Time: "train time" is the training time integrated from the logged train/it_per_
 steps / it/s). It leaves out evaluation, checkpoints and start-up, and stays right across a resume; the
 time axis of acc_vs_time.png uses it (at each evaluation, the mean over seeds). "wall time" is measured by
 this harness around each script's process (start-up, data loading and evaluation included; summed over
-resumed invocations, less any invocation killed together with the harness).
+resumed invocations, less any invocation killed together with the harness; a run started again from its first
+step starts from zero).
 Resumable: a run whose metrics already hold the evaluation of its last step is skipped; a run dir left
 by an interrupted run is continued with the script's --resume (exact, see README), or started again if
 the run was killed before its first checkpoint; a run dir made with other arguments stops the harness
@@ -201,6 +202,8 @@ def run_one(name, labels, seed, cfg):
         cmd = [sys.executable, str(ROOT / script), *args, "--run-dir", str(run_dir)]
         print(f"{name} {labels} labels seed {seed}: {' '.join(cmd[1:])}", flush=True)
     log_path = Path(cfg["work_dir"]) / "logs" / f"{name}_{labels}_{seed}.log"
+    if not run_dir.exists():  # a run from its first step: no earlier process's time (a deleted run's) is its own
+        log_path.with_suffix(".wall").unlink(missing_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "a") as log:

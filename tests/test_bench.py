@@ -3,6 +3,7 @@ against the runs' own metrics.jsonl and against hand computations."""
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -287,6 +288,15 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("done already") == 6
     assert stamps == {p: p.stat().st_mtime_ns for p in work.glob("*/*/metrics.jsonl")}
+
+    # a run deleted and run again: its wall time is its own process's, not added to the deleted run's
+    shutil.rmtree(work / "uda" / "20_1")
+    (work / "logs" / "uda_20_1.wall").write_text("1000000")
+    proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("done already") == 5
+    wall = {cells[0]: float(cells[7]) for cells in table_rows((out / "table.md").read_text())[1:]}
+    assert 0 < wall["uda"] < 1000, wall
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """temporal_ensembling.py: the ensemble buffer and its bias-corrected target against the closed form,
-rows never sampled, the unsupervised term and its gradient by hand (rows without a target count in the mean),
-the buffer in the checkpoint, the consistency term trains the network, the ramp-up."""
+rows never sampled, the unsupervised term and its gradient by hand (rows without a target count in the mean), the
+logged accuracy of the targets, the buffer in the checkpoint, the consistency term trains the network, the ramp-up."""
 
 import math
 from unittest import mock
@@ -58,6 +58,11 @@ def test_unsup_term_by_hand_divides_by_the_whole_batch(data_dir, tmp_path):
     assert g["loss_u"].item() == pytest.approx(squared.sum().item() / (c * n), rel=1e-5)
     assert g["loss_u"].item() != pytest.approx(squared.sum().item() / (c * seen.sum().item()), rel=1e-3)
     assert len(grads) == 6 and torch.allclose(grads[-1], 30 * 2 * seen.unsqueeze(1) * (z - target) / (c * n), atol=1e-8)
+    # the logged target accuracy: the argmax of the rows' targets against their true labels, over the rows with one
+    y = g["data"].y_unlabeled[g["idx_u"]]  # fake Fashion-MNIST: every unlabeled image has its label
+    right = (target.argmax(1) == y)[seen].float()
+    assert 0 < right.sum() < len(right)  # right and wrong targets: an accuracy over the wrong rows would show
+    assert g["stats"]["train/target_acc"].item() == pytest.approx(right.mean().item(), rel=1e-6)
 
 
 def test_buffer_in_checkpoint_and_consistency_trains(data_dir, tmp_path):
