@@ -12,7 +12,8 @@ and are not results). Then it writes to --out-dir (default bench/results/converg
 - table.md: per script and label count, mean +- std over seeds (std: sample standard deviation, n - 1;
   "-" for one seed) of the best and of the last eval/acc, the median train it/s (over every logged
   interval of every seed but each run's first, which holds the warm-up), the training time and the
-  wall time of a run (means over seeds); on cifar10 also the published numbers, labelled as theirs.
+  wall time of a run and how many CPUs other processes kept busy meanwhile (means over seeds); on cifar10
+  also the published numbers, labelled as theirs.
 - acc_vs_step.png, acc_vs_time.png: one panel per label count, one line per script: the mean over seeds,
   shaded between the lowest and highest seed.
 - curves.json: every run's evaluation curve and the table's numbers.
@@ -21,7 +22,10 @@ steps / it/s). It leaves out evaluation, checkpoints and start-up, and stays rig
 time axis of acc_vs_time.png uses it (at each evaluation, the mean over seeds). "wall time" is measured by
 this harness around each script's process (start-up, data loading and evaluation included; summed over
 resumed invocations, less any invocation killed together with the harness; a run started again from its first
-step starts from zero).
+step starts from zero). "other CPUs busy" is the CPU time every other process used while the run's processes ran
+(the machine's, from /proc/stat, less the run's own) over the run's wall time: about 1 on 2 cores beside a second
+harness with OMP_NUM_THREADS=1. Times compare only between runs under the same load; "-" where it was not measured
+(no /proc/stat, or a run begun before the harness measured it).
 Resumable: a run whose metrics already hold the evaluation of its last step is skipped; a run dir left
 by an interrupted run is continued with the script's --resume (exact, see README), or started again if
 the run was killed before its first checkpoint; a run dir made with other arguments stops the harness
@@ -56,6 +60,7 @@ or 300k for mpl.py, unless --total-steps is given), label counts 40, 250 and 400
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -202,15 +207,23 @@ def run_one(name, labels, seed, cfg):
         cmd = [sys.executable, str(ROOT / script), *args, "--run-dir", str(run_dir)]
         print(f"{name} {labels} labels seed {seed}: {' '.join(cmd[1:])}", flush=True)
     log_path = Path(cfg["work_dir"]) / "logs" / f"{name}_{labels}_{seed}.log"
+    # one file per run and measure (harnesses may share a --work-dir), each summed over the run's processes:
+    # .wall its wall seconds, .other the CPU seconds every other process on the machine used meanwhile
+    wall_path, other_path = log_path.with_suffix(".wall"), log_path.with_suffix(".other")
     if not run_dir.exists():  # a run from its first step: no earlier process's time (a deleted run's) is its own
-        log_path.with_suffix(".wall").unlink(missing_ok=True)
+        wall_path.unlink(missing_ok=True)
+        other_path.unlink(missing_ok=True)
+    measure_other = other_path.is_file() or not wall_path.is_file()  # not for a run begun before it was measured
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    machine_before, own_before, start = machine_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
     with open(log_path, "a") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
         log.write(proc.stderr)
-    wall_path = log_path.with_suffix(".wall")  # one file per run: harnesses may share a --work-dir
-    wall_path.write_text(str(wall_seconds(cfg, name, labels, seed) + time.perf_counter() - start))
+    wall = time.perf_counter() - start
+    machine_after, own = machine_cpu_seconds(), children_cpu_seconds() - own_before
+    wall_path.write_text(str(logged_seconds(wall_path) + wall))
+    if measure_other and machine_before is not None and machine_after is not None:
+        other_path.write_text(str(logged_seconds(other_path) + max(0.0, machine_after - machine_before - own)))
     if proc.returncode == 2:  # bad arguments or missing data: every other run would fail the same way
         fail(
             f"{script} refused to run: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'exit code 2'}"
@@ -225,10 +238,35 @@ def run_one(name, labels, seed, cfg):
     return run_dir
 
 
-def wall_seconds(cfg, name, labels, seed):
-    """Seconds the harness has spent in this run's processes so far (0 if none finished)."""
-    path = Path(cfg["work_dir"]) / "logs" / f"{name}_{labels}_{seed}.wall"
+def logged_seconds(path):
+    """The seconds a run's .wall or .other file holds (0 if no process of the run has finished)."""
     return float(path.read_text()) if path.is_file() else 0.0
+
+
+def machine_cpu_seconds():
+    """CPU seconds every process on this machine has used since boot (user, nice, system, irq, softirq in
+    /proc/stat's first line; steal and guest left out), or None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds():
+    """CPU seconds of this harness's finished child processes and their waited-for descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_load(cfg, name, labels, seed):
+    """(wall seconds, other CPUs busy) of one run: other CPUs busy is the mean number of CPUs that other
+    processes kept busy while the run's processes ran (None where it was not measured for all of them)."""
+    logs = Path(cfg["work_dir"]) / "logs"
+    wall, other = (logs / f"{name}_{labels}_{seed}{suffix}" for suffix in (".wall", ".other"))
+    seconds = logged_seconds(wall)
+    return seconds, (logged_seconds(other) / seconds if other.is_file() and seconds > 0 else None)
 
 
 def run_curve(run_dir):
@@ -262,6 +300,8 @@ def summarize(curves, cfg):
             runs = list(by_seed.values())
             if not runs:
                 continue
+            loads = {s: run_load(cfg, name, labels, s) for s in by_seed}
+            others = [load[1] for load in loads.values()]
             out.setdefault(name, {})[labels] = {
                 "seeds": sorted(by_seed),
                 "best": mean_std([max(c["acc"]) for c in runs]),
@@ -270,7 +310,8 @@ def summarize(curves, cfg):
                     [its for c in runs for its in c["it_per_sec"][1:]] or [its for c in runs for its in c["it_per_sec"]]
                 ),
                 "train_seconds": statistics.mean(c["train_seconds"][-1] for c in runs),
-                "wall_seconds": statistics.mean(wall_seconds(cfg, name, labels, s) for s in by_seed),
+                "wall_seconds": statistics.mean(loads[s][0] for s in by_seed),
+                "other_cpus": None if None in others else statistics.mean(others),
             }
     return out
 
@@ -283,8 +324,8 @@ def fmt(ms):
 def table_lines(summary, cfg):
     ref = cfg["dataset"] == "cifar10"
     head = "| script | labels | seeds | best eval/acc | last eval/acc | train it/s (median) | train time (s)"
-    head += " | wall time (s) |"
-    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    head += " | wall time (s) | other CPUs busy |"
+    sep = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     if ref:
         head += " published best acc (papers / TorchSSL, not ours) |"
         sep += " ---: |"
@@ -293,7 +334,7 @@ def table_lines(summary, cfg):
         for name in cfg["names"]:
             s = summary.get(name, {}).get(labels)
             if s is None:
-                cells = [name, str(labels), "0", "-", "-", "-", "-", "-"]
+                cells = [name, str(labels), "0", "-", "-", "-", "-", "-", "-"]
             else:
                 cells = [
                     name,
@@ -304,6 +345,7 @@ def table_lines(summary, cfg):
                     f"{s['it_per_sec']:.2f}",
                     f"{s['train_seconds']:.0f}",
                     f"{s['wall_seconds']:.0f}",
+                    "-" if s["other_cpus"] is None else f"{s['other_cpus']:.2f}",
                 ]
             if ref:
                 cells.append(f"{REFERENCE[name][labels]:.2f}" if labels in REFERENCE.get(name, {}) else "-")
@@ -364,12 +406,15 @@ def write_results(curves, summary, cfg):
         f"- machine: {machine_line()}",
         f"- every run: `python <script> {' '.join(common)} --run-dir <work dir>/<script>/<labels>_<seed>`",
         *[f"- {n}: also `{e}`" for n, e in extras.items() if e],
-        f"- label counts {', '.join(map(str, cfg['label_counts']))}; seeds {', '.join(map(str, cfg['seeds']))}; "
-        "runs one after the other",
+        f"- label counts {', '.join(map(str, cfg['label_counts']))}; seeds {', '.join(map(str, cfg['seeds']))}",
         "- best / last eval/acc: the best evaluation of a run and its evaluation at the last step (top-1 %, the model "
         "each method evaluates), mean ± sample std over seeds",
         "- train time: training time integrated from the logged it/s (no evaluation, checkpoints or start-up); "
         "wall time: measured around each run's process; both means over seeds",
+        "- other CPUs busy: how many CPUs, on average, other processes (another harness, a test suite) kept busy "
+        "while a run's processes ran, from /proc/stat, mean over seeds; times compare only between rows with the same "
+        "load (each harness runs its own runs one after the other); '-': not measured (no /proc/stat, or a run begun "
+        "before the harness measured it)",
         "",
     ]
     lines += table_lines(summary, cfg)

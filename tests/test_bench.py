@@ -281,6 +281,12 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
         assert cells[4] == f"{statistics.mean(last):.2f} ± {statistics.stdev(last):.2f}"
         assert cells[5] == f"{its:.2f}"
         assert cells[6] == f"{train_seconds:.0f}"
+        busy = [float((work / "logs" / f"{name}_20_{seed}.other").read_text()) for seed in (0, 1)]
+        walls = [float((work / "logs" / f"{name}_20_{seed}.wall").read_text()) for seed in (0, 1)]
+        assert cells[7] == f"{statistics.mean(walls):.0f}"
+        assert cells[8] == f"{statistics.mean(b / w for b, w in zip(busy, walls)):.2f}"
+        # nothing else ran beside these runs: their own CPU time is not counted as another process's
+        assert all(b / w < 0.4 for b, w in zip(busy, walls)), (busy, walls)
 
     # a third call finds every run complete and runs nothing
     stamps = {p: p.stat().st_mtime_ns for p in work.glob("*/*/metrics.jsonl")}
@@ -289,14 +295,22 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
     assert proc.stdout.count("done already") == 6
     assert stamps == {p: p.stat().st_mtime_ns for p in work.glob("*/*/metrics.jsonl")}
 
-    # a run deleted and run again: its wall time is its own process's, not added to the deleted run's
+    # a run deleted and run again, this time beside a process that keeps one CPU busy: its wall time is its own
+    # process's, not added to the deleted run's, and the busy CPU shows in its load
     shutil.rmtree(work / "uda" / "20_1")
     (work / "logs" / "uda_20_1.wall").write_text("1000000")
-    proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=300)
+    (work / "logs" / "uda_20_1.other").write_text("1000000")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=300)
+    finally:
+        spinner.kill()
+        spinner.wait()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("done already") == 5
-    wall = {cells[0]: float(cells[7]) for cells in table_rows((out / "table.md").read_text())[1:]}
-    assert 0 < wall["uda"] < 1000, wall
+    wall = float((work / "logs" / "uda_20_1.wall").read_text())
+    assert 0 < wall < 1000, wall
+    assert float((work / "logs" / "uda_20_1.other").read_text()) / wall > 0.6
 
 
 @pytest.mark.parametrize(
