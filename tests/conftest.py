@@ -1,5 +1,8 @@
+import urllib.request
+
 import pytest
 from fakedata import INTEGRITY_TARGETS, _exists_only, make_fake_dataset
+from scriptrun import OFFLINE
 
 
 @pytest.fixture
@@ -7,6 +10,14 @@ def patched_integrity(monkeypatch):
     """Patch torchvision's md5 check to a plain file-exists check for one test."""
     for target in INTEGRITY_TARGETS:
         monkeypatch.setattr(target, _exists_only)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Downloads in this process fail at once, as in the subprocesses of scriptrun.run (OFFLINE's proxies)."""
+    for name in ("http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, OFFLINE[name])
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen reads the proxies when it builds its opener
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
 from scripts import flat  # noqa: F401  (the tests import it from here)
@@ -81,6 +82,16 @@ def run_inprocess(script, *args, exit_ok=False):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     return scope
+
+
+def refused(capsys, script, *args, code=2):
+    """Run the script in-process, expecting exit `code` with one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        run_inprocess(script, *args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == code, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
 
 
 def run_keeping_step(script, *args):

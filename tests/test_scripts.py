@@ -1,5 +1,6 @@
-"""What every method script must do, end to end on CPU: a few steps on fake data with a tiny network,
-run as a user runs it (a subprocess)."""
+"""What every method script must do, end to end on CPU: a few steps on fake data with a tiny network, run as a user
+runs it (a subprocess), or in this process where a test looks inside the run or where the interpreter's start would
+be most of the test's time."""
 
 import functools
 import importlib
@@ -8,35 +9,48 @@ from unittest import mock
 
 import pytest
 import torch
-from scriptrun import TINY, checkpoint, flat, rows, run, run_inprocess, run_killed, same, same_run
+from scriptrun import TINY, checkpoint, flat, refused, rows, run, run_inprocess, run_killed, same, same_run
 from scripts import SCRIPTS
 from torch._dynamo.testing import CompileCounterWithBackend
 
 
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    """straight_run(script): the run dir of the script's 40-step run, run once (as a user runs it) for the tests
+    that read it."""
+    done = {}
+
+    def get(script):
+        if script not in done:
+            done[script] = tmp_path_factory.mktemp("straight") / script
+            run(script, *TINY, "--data-dir", data_dir, "--total-steps", 40, "--run-dir", done[script])
+        return done[script]
+
+    return get
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_runs_and_writes_a_run(script, data_dir, tmp_path):
-    out = tmp_path / "run"
-    run(script, *TINY, "--data-dir", data_dir, "--total-steps", 12, "--run-dir", out)
+def test_runs_and_writes_a_run(script, straight_run):
+    out = straight_run(script)
     evals = [r for r in rows(out) if "eval/acc" in r]
-    assert [r["step"] for r in evals] == [6, 12] and all(0 <= r["eval/acc"] <= 100 for r in evals)
+    assert [r["step"] for r in evals] == [6, 12, 18, 24, 30, 36, 40] and all(0 <= r["eval/acc"] <= 100 for r in evals)
     train = [r for r in rows(out) if "losses/total" in r]
-    assert [r["step"] for r in train] == [4, 5, 8, 10, 12] and all(r["losses/total"] > 0 for r in train)  # and at saves
+    logged = sorted({*range(4, 41, 4), *range(5, 41, 5)})  # every 4 steps, and at each save (every 5)
+    assert [r["step"] for r in train] == logged and all(r["losses/total"] > 0 for r in train)
     ckpt = checkpoint(out)
-    assert ckpt["step"] == 12 and set(ckpt) >= {"model", "ema_model", "optimizer", "scheduler", "scaler", "rng_cpu"}
+    assert ckpt["step"] == 40 and set(ckpt) >= {"model", "ema_model", "optimizer", "scheduler", "scaler", "rng_cpu"}
     args = json.loads((out / "args.json").read_text())
-    assert args["total_steps"] == 12 and args["weight_decay"] == 5e-4 and args["amp"] == "none"
+    assert args["total_steps"] == 40 and args["weight_decay"] == 5e-4 and args["amp"] == "none"
     labeled = json.loads((out / "labeled_indices.json").read_text())
     assert len(labeled) == 20 and not (out / "checkpoint.pt.tmp").exists()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_kill_and_resume_is_exact(script, data_dir, tmp_path):
+def test_kill_and_resume_is_exact(script, data_dir, tmp_path, straight_run):
     """kill -9 at whatever moment, then --resume RUN_DIR alone: the same checkpoint (weights, EMA,
     optimizer, RNG, method state) and the same metrics as a run never stopped."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = [*TINY, "--data-dir", data_dir, "--total-steps", 40]
-    run(script, *args, "--run-dir", straight)
-    step = run_killed(script, *args, "--run-dir", killed)
+    straight, killed = straight_run(script), tmp_path / "killed"
+    step = run_killed(script, *TINY, "--data-dir", data_dir, "--total-steps", 40, "--run-dir", killed)
     assert step < 40, "the run ended before it could be killed: the test proves nothing"
     run(script, "--resume", killed)
     a, b = (flat({k: v for k, v in checkpoint(d).items() if k != "args"}) for d in (straight, killed))
@@ -106,20 +120,24 @@ BAD = {
 }
 
 
-# supervised.py meets every case. The argument checks and the data loading are template lines, the same in every
-# script (tests/test_template.py), so each method script meets two: a bad value among its own flags' parser, and
-# missing data (after which nothing of the run may exist).
+# supervised.py meets every case, each in a fresh interpreter as a user runs it: its exit status and all it prints,
+# the interpreter's teardown included. The argument checks and the data loading are template lines, the same in every
+# script (tests/test_template.py), so each method script meets two, in this process (an interpreter start is most of
+# such a run's time): a bad value among its own flags' parser, and missing data (after which nothing may exist).
 BAD_RUNS = [("supervised.py", case) for case in BAD] + [(s, c) for s in SCRIPTS[1:] for c in ("not a float", "no data")]
 
 
 @pytest.mark.parametrize("script, case", BAD_RUNS)
-def test_bad_input_is_one_line_and_exit_2(script, case, data_dir, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(script, case, data_dir, tmp_path, capsys, offline):
     extra, message = BAD[case]
-    extra = [a.format(tmp=tmp_path) for a in extra]
-    proc = run(script, *TINY, "--data-dir", data_dir, "--run-dir", tmp_path / "r", *extra, check=False)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    assert message in proc.stderr
+    args = [*TINY, "--data-dir", data_dir, "--run-dir", tmp_path / "r", *[a.format(tmp=tmp_path) for a in extra]]
+    if script == "supervised.py":
+        proc = run(script, *args, check=False)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, proc.stderr
+    else:
+        err = refused(capsys, script, *args)
+    assert message in err
     assert not (tmp_path / "r").exists(), "a failed start must not leave a run behind"
     assert not (tmp_path / "empty").exists(), "a failed load must not leave an empty data dir behind"
 

@@ -9,8 +9,8 @@ import plot
 import pytest
 import torch
 from PIL import Image
-from scriptrun import TINY, rows, run_inprocess
-from test_robust import files, refused
+from scriptrun import TINY, refused, rows, run_inprocess
+from test_robust import files
 
 import common
 
