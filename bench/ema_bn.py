@@ -186,14 +186,11 @@ def final_checkpoints(args):
         for n in names
     }
     fmt = lambda v: f"{v['mean']:.2f}" + ("" if v["std"] is None else f" ± {v['std']:.2f}")
-    lines = [
-        "# The EMA model and its BatchNorm statistics at the last checkpoint of finished runs",
-        "",
-        f"- command: `python {' '.join(sys.argv)}`",
-        f"- machine: {machine_line()}",
-        f"- recomputed statistics: {args.batches} batches of each run's labeled batch size, weakly augmented",
-        "- top-1 test accuracy (%); ema and raw are the runs' own eval/acc and eval/acc_raw at that step",
-        "",
+    details = [
+        f"recomputed statistics: {args.batches} batches of each run's labeled batch size, weakly augmented",
+        "top-1 test accuracy (%); ema and raw are the runs' own eval/acc and eval/acc_raw at that step",
+    ]
+    body = [
         "| row | seed | step | " + " | ".join(COLUMNS) + " |",
         "| --- | ---: | ---: |" + " ---: |" * len(COLUMNS),
         *(
@@ -210,11 +207,15 @@ def final_checkpoints(args):
             for n in names
         ),
     ]
-    write(args.out, lines, {"rows": rows, "summary": stats})
+    title = "The EMA model and its BatchNorm statistics at the last checkpoint of finished runs"
+    write(args.out, title, details, body, {"rows": rows, "summary": stats})
 
 
-def write(out, lines, content):
-    """<out>.md and <out>.json (--out may hold a dot: bn0.1), and the table on stdout."""
+def write(out, title, details, body, content):
+    """<out>.md (the title, the command, the machine, the details as a list, then the body) and <out>.json (--out
+    may hold a dot: bn0.1), and the report on stdout."""
+    head = [f"# {title}", "", f"- command: `python {' '.join(sys.argv)}`", f"- machine: {machine_line()}"]
+    lines = [*head, *(f"- {d}" for d in details), "", *body]
     out.parent.mkdir(parents=True, exist_ok=True)
     md, js = (out.with_name(out.name + ext) for ext in (".md", ".json"))
     md.write_text("\n".join(lines) + "\n")
@@ -303,16 +304,16 @@ def main():
     check_against_run(rows, run_dir)
     stats = summary(rows, args.from_step)
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
-    lines = [
-        f"# The EMA model and its BatchNorm statistics: {args.script}, {args.dataset}, {args.num_labels} labels, "
-        f"seed {args.seed}",
-        "",
-        f"- command: `python {' '.join(sys.argv)}`",
-        f"- machine: {machine_line()}",
-        f"- the run: `python {' '.join(cmd[1:])}` until step {args.stop_step}",
-        f"- recomputed statistics: {args.batches} batches of {args.batch_size} weakly augmented images",
-        "- top-1 test accuracy (%); ema and raw are the run's own eval/acc and eval/acc_raw",
-        "",
+    title = (
+        f"The EMA model and its BatchNorm statistics: {args.script}, {args.dataset}, {args.num_labels} labels, "
+        f"seed {args.seed}"
+    )
+    details = [
+        f"the run: `python {' '.join(cmd[1:])}` until step {args.stop_step}",
+        f"recomputed statistics: {args.batches} batches of {args.batch_size} weakly augmented images",
+        "top-1 test accuracy (%); ema and raw are the run's own eval/acc and eval/acc_raw",
+    ]
+    body = [
         "| step | " + " | ".join(COLUMNS) + " |",
         "| ---: |" + " ---: |" * len(COLUMNS),
         *("| " + " | ".join([str(r["step"]), *(f"{r[c]:.2f}" for c in COLUMNS)]) + " |" for r in rows),
@@ -324,7 +325,7 @@ def main():
         "| mean ± std | " + " | ".join(f"{stats[c]['mean']:.2f} ± {fmt(stats[c]['std'])}" for c in COLUMNS) + " |",
         "| range | " + " | ".join(f"{stats[c]['min']:.2f}-{stats[c]['max']:.2f}" for c in COLUMNS) + " |",
     ]
-    write(args.out, lines, {"rows": rows, "summary": stats})
+    write(args.out, title, details, body, {"rows": rows, "summary": stats})
 
 
 if __name__ == "__main__":
