@@ -354,6 +354,7 @@ def test_convergence_reads_switches_when_it_checks_a_run_dirs_arguments(tmp_path
         ("convergence.py", ["--scripts", "nope"]),
         ("convergence.py", ["--total-steps", 0]),
         ("ema_bn.py", ["--every", 4, "--stop-step", 6]),
+        ("subset.py", ["--per-class", 0]),
         pytest.param("gpu_check.py", [], marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
     ],
 )
@@ -362,6 +363,40 @@ def test_bad_input_is_one_line_exit_2(tool, args, tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"{tool}: error: ")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ subset
+def test_subset_keeps_n_training_images_a_class_in_order_and_the_whole_test_set(tmp_path, data_dir):
+    import subset
+
+    whole = common.load_dataset("fashion_mnist", data_dir)
+    flat = whole[0].flatten(1)
+    kept = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"out{len(kept)}"
+        subset.main(["--per-class", "3", "--seed", str(seed), "--data-dir", data_dir, "--out", str(out)])
+        train_x, train_y, test_x, test_y, _ = common.load_dataset("fashion_mnist", str(out))
+        assert torch.equal(test_x, whole[2]) and torch.equal(test_y, whole[3])
+        assert torch.bincount(train_y, minlength=10).tolist() == [3] * 10
+        # each kept image is the training image of that label at one row (the fake images are all distinct)
+        rows = [torch.nonzero((flat == x.flatten()).all(1)).item() for x in train_x]
+        assert rows == sorted(set(rows)) and torch.equal(whole[1][rows], train_y)
+        kept[len(kept)] = rows
+    assert kept[0] == kept[1] and kept[0] != kept[2]  # the seed, and only the seed, picks the images
+
+
+def test_subset_refuses_more_images_than_a_class_has_and_an_existing_out(tmp_path, data_dir, capsys):
+    import subset
+
+    for args, why in (
+        (["--per-class", "21", "--out", str(tmp_path / "new")], "--per-class 21: class 0 has only 20 training images"),
+        (["--per-class", "2", "--out", str(tmp_path)], "exists: give a new folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            subset.main([*args, "--data-dir", data_dir])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and why in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()
 
 
 # ------------------------------------------------------------------------------------ ema_bn
