@@ -25,7 +25,7 @@ resumed invocations, less any invocation killed together with the harness; a run
 step starts from zero). "other CPUs busy" is the CPU time every other process used while the run's processes ran
 (the machine's, from /proc/stat, less the run's own) over the run's wall time: about 1 on 2 cores beside a second
 harness with OMP_NUM_THREADS=1. Times compare only between runs under the same load; "-" where it was not measured
-(no /proc/stat, or a run begun before the harness measured it).
+(no /proc/stat or getrusage, or a run begun before the harness measured it).
 Resumable: a run whose metrics already hold the evaluation of its last step is skipped; a run dir left
 by an interrupted run is continued with the script's --resume (exact, see README), or started again if
 the run was killed before its first checkpoint; a run dir made with other arguments stops the harness
@@ -62,7 +62,6 @@ or 300k for mpl.py, unless --total-steps is given), label counts 40, 250 and 400
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -239,10 +238,11 @@ def run_one(name, labels, seed, cfg):
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
         log.write(proc.stderr)
     wall = time.perf_counter() - start
-    machine_after, own = machine_cpu_seconds(), children_cpu_seconds() - own_before
+    machine_after, own_after = machine_cpu_seconds(), children_cpu_seconds()
     wall_path.write_text(str(logged_seconds(wall_path) + wall))
-    if measure_other and machine_before is not None and machine_after is not None:
-        other_path.write_text(str(logged_seconds(other_path) + max(0.0, machine_after - machine_before - own)))
+    if measure_other and None not in (machine_before, machine_after, own_before, own_after):
+        other = machine_after - machine_before - (own_after - own_before)
+        other_path.write_text(str(logged_seconds(other_path) + max(0.0, other)))
     if proc.returncode == 2:  # bad arguments or missing data: every other run would fail the same way
         fail(
             f"{script} refused to run: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'exit code 2'}"
@@ -274,7 +274,12 @@ def machine_cpu_seconds():
 
 
 def children_cpu_seconds():
-    """CPU seconds of this harness's finished child processes and their waited-for descendants."""
+    """CPU seconds of this harness's finished child processes and their waited-for descendants, or None where
+    there is no getrusage (Windows); the other-CPUs column is then left unmeasured."""
+    try:
+        import resource
+    except ImportError:
+        return None
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
@@ -432,8 +437,8 @@ def write_results(curves, summary, cfg):
         "wall time: measured around each run's process; both means over seeds",
         "- other CPUs busy: how many CPUs, on average, other processes (another harness, a test suite) kept busy "
         "while a run's processes ran, from /proc/stat, mean over seeds; times compare only between rows with the same "
-        "load (each harness runs its own runs one after the other); '-': not measured (no /proc/stat, or a run begun "
-        "before the harness measured it)",
+        "load (each harness runs its own runs one after the other); '-': not measured (no /proc/stat or getrusage, "
+        "or a run begun before the harness measured it)",
         "",
     ]
     lines += table_lines(summary, cfg)

@@ -312,6 +312,14 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
     assert float((work / "logs" / "uda_20_1.other").read_text()) / wall > 0.6
 
 
+def test_convergence_measures_child_cpu_time_where_getrusage_exists_and_skips_it_where_not(monkeypatch):
+    import convergence
+
+    assert convergence.children_cpu_seconds() >= 0.0  # Linux: finished children's user + system seconds
+    monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows: `import resource` raises ImportError
+    assert convergence.children_cpu_seconds() is None
+
+
 def test_convergence_runs_the_ablations_only_when_named():
     import convergence
 
