@@ -27,7 +27,8 @@ If the script refuses its arguments or data (exit 2), this says why in one line 
 evaluates instead the last checkpoint of runs already made (convergence.py's <work dir>/<row>/<labels>_<seed>; a
 finished run's checkpoint is its last step's): the same five columns, a line per run (each with its own seed,
 labeled split and batch size, and checked against the run's own logged evaluation at that step), then per row
-(the run dir's parent folder) the mean and sample std over its seeds.
+(the run dir's parent folder; its path where two work dirs hold a row of that name) the mean and sample std over
+its seeds.
 """
 
 import argparse
@@ -158,11 +159,20 @@ def summary(rows, from_step):
     return out
 
 
+def row_names(run_dirs):
+    """Each run's row: the name of its parent folder (convergence.py's row), or that folder's whole path where runs
+    of two work dirs share the name, so that their seeds are not averaged together."""
+    parents = {}
+    for run_dir in run_dirs:
+        parents.setdefault(run_dir.parent.name, set()).add(run_dir.parent.resolve())
+    return [d.parent.name if len(parents[d.parent.name]) == 1 else str(d.parent) for d in run_dirs]
+
+
 def final_checkpoints(args):
     """--runs: the five accuracies of each finished run's last checkpoint; writes <out>.md and <out>.json."""
     device = torch.device(args.device)
     rows, loaded = [], {}
-    for run_dir in args.runs:
+    for run_dir, name in zip(args.runs, row_names(args.runs)):
         saved = json.loads((run_dir / "args.json").read_text())
         key = (saved["dataset"], saved["data_dir"], saved["num_labels"], saved["seed"])
         if key not in loaded:
@@ -175,7 +185,7 @@ def final_checkpoints(args):
             fail(f"{run_dir}: its labeled_indices.json is not the split of seed {saved['seed']}")
         ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
         recompute = argparse.Namespace(batches=args.batches, batch_size=saved["batch_size"], seed=saved["seed"])
-        row = {"row": run_dir.parent.name, "seed": saved["seed"], "step": ckpt["step"]}
+        row = {"row": name, "seed": saved["seed"], "step": ckpt["step"]}
         row.update(evaluate(ckpt, data, recompute, device))
         check_against_run([row], run_dir)
         rows.append(row)

@@ -507,6 +507,17 @@ def test_ema_bn_runs_evaluates_each_finished_runs_last_checkpoint(tmp_path, data
         assert result["summary"]["pi_model"][c] == {"mean": statistics.mean(values), "std": statistics.stdev(values)}
     assert "| pi_model | 2 | " in (tmp_path / "out" / "final.md").read_text()
 
+    # the same row name in two work dirs (a flag changed, say): two rows, named by their paths, not one over 3 seeds
+    other = tmp_path / "other" / "pi_model" / "20_0"
+    shutil.copytree(runs[0], other)
+    ema_bn.final_checkpoints(
+        ema_bn.parse_args(["--runs", *map(str, runs), str(other), "--batches", "2", "--out", str(out)])
+    )
+    result = json.loads((tmp_path / "out" / "final.json").read_text())
+    assert [r["row"] for r in result["rows"]] == [str(runs[0].parent)] * 2 + [str(other.parent)]
+    assert result["summary"][str(other.parent)]["ema"] == {"mean": result["rows"][0]["ema"], "std": None}
+    assert result["summary"][str(runs[0].parent)]["ema_labeled"]["std"] is not None
+
     (tmp_path / "empty").mkdir()
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
