@@ -24,7 +24,13 @@ Speed, at each script's defaults (WRN-28-2, B 64, its mu, bf16), --steps steps t
 --cuda-graph --compile-augment where the script has a strong view; GFLOP/step (FlopCounterMode, eager run) and MFU
 against the dense bf16 peak. And strong_augment alone on 448 images, eager and compiled (images/s). The speed runs
 go in the order of the issue's targets: supervised, UDA and FlexMatch in every variant, strong_augment alone, then
-the other scripts, so that a --budget stop leaves out the rest, not the targets.
+the other scripts, so that a --budget stop leaves out the rest, not the targets. strong_augment alone also compares
+each RandAugment op alone, eager on the GPU against the CPU and against the compiled ops.
+--profile SCRIPT...: last, where an eager step's device time goes at the defaults and with --compile
+--compile-augment (torch.profiler; per aten op and per kernel; see profile_step), to be set beside the graph's rate:
+replayed, a step costs at least its kernels' time.
+
+    python bench/gpu_check.py --no-checks --no-speed --profile uda.py    # strong_augment alone, then the profile
 """
 
 import os
@@ -61,8 +67,9 @@ VARIANTS = {  # speed runs: name -> (flags, scripts it applies to; None: every s
     "eager": ([], None),
     "graph": (["--cuda-graph"], None),
     "graph_aug": (["--cuda-graph", "--compile-augment"], STRONG),
-    "graph_compiled": (["--cuda-graph", "--compile-augment", "--compile"], {"supervised.py", "uda.py"}),
+    "graph_compiled": (["--cuda-graph", "--compile-augment", "--compile"], set(TARGETS)),
 }
+PROFILE_STEPS = (10, 30)  # --profile: two runs; their difference is 20 steady steps (start, autotuning and eval cancel)
 
 
 def load(run_dir):
@@ -175,8 +182,10 @@ def augment_speed(repeats=20):
     compile_s = time.perf_counter() - start
     torch.manual_seed(0)
     diff = (common.strong_augment(x).int() - ref.int()).abs()
+    per_op = augment_op_diffs(x, common._apply_strong)
     common._apply_strong = common._strong_ops  # back to eager for what follows
     return {
+        "per_op": per_op,
         "eager": eager,
         "compiled": compiled,
         "compile_s": compile_s,
@@ -184,6 +193,63 @@ def augment_speed(repeats=20):
         "values_differing": diff.count_nonzero().item(),
         "values": diff.numel(),
     }
+
+
+def augment_op_diffs(x, compiled):
+    """Each RandAugment op alone (slot 1 draws it for every image, slots 2 and 3 identity; no Cutout), eager on the
+    device against eager on the CPU (the path tested against PIL) and against `compiled`, for the same draws: per op,
+    how many values differ and by how many grey levels at most."""
+    n = x.shape[0]
+    identity = torch.full((2, n), common._OP["identity"], device=x.device)
+    box = [torch.rand(n, 1, 1, device=x.device) for _ in range(3)]
+    rows = []
+    for name, code in common._OP.items():
+        ops = torch.cat([torch.full((1, n), code, device=x.device), identity])
+        low, high = common._RA_OPS[name]
+        magnitudes = low + (high - low) * torch.rand(3, n, device=x.device)
+        eager = common._strong_ops(x, ops, magnitudes, box, 0.0).int()
+        cpu = common._strong_ops(*(t.cpu() for t in (x, ops, magnitudes)), [t.cpu() for t in box], 0.0).int()
+        other = compiled(x, ops, magnitudes, box, 0.0).int()
+        row = {"op": name}
+        for key, ref in (("cpu", cpu.to(x.device)), ("compiled", other)):
+            d = (eager - ref).abs()
+            row[key] = [d.count_nonzero().item(), d.max().item()]
+        rows.append(row)
+    return rows
+
+
+def profile_step(script, data_dir, run_root, device="cuda", extra=()):
+    """Where one eager training step of `script` at its defaults spends the device's time: after one unprofiled
+    run (cuDNN's autotuning and the compilers' caches warm), torch.profiler over runs of PROFILE_STEPS steps, per
+    op the difference of the two over the steps between them (starting, the evaluation and the checkpoint cost the
+    same in both). Returns the device time of a step (every kernel, copy and memset; the profiler's spans of
+    annotated regions on the device left out, they would count their kernels twice) and, per aten op, its calls
+    and its own device time per step, and the same per kernel."""
+    base = ["--dataset", "cifar10", "--data-dir", data_dir, "--num-labels", 250, "--device", device, *extra]
+    name = "_".join([Path(script).stem, *(f.strip("-") for f in map(str, extra))])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    totals = []
+    for n, profiled in ((PROFILE_STEPS[0], False), *((n, True) for n in PROFILE_STEPS)):
+        flags = ["--total-steps", n, "--log-every", n, "--eval-every", n, "--save-every", n]
+        run_dir = Path(run_root) / f"{name}_{n}{'' if profiled else '_warm'}"
+        with torch.profiler.profile(activities=activities) if profiled else contextlib.nullcontext() as prof:
+            run_script(script, [*base, *flags, "--run-dir", run_dir])
+        if profiled:
+            events = [e for e in prof.key_averages() if not getattr(e, "is_user_annotation", False)]
+            totals.append({(e.key, e.device_type != torch.autograd.DeviceType.CPU): e for e in events})
+    steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
+    less = lambda key, attr: getattr(totals[0][key], attr) if key in totals[0] else 0  # noqa: E731
+    per_step = {
+        key: ((e.count - less(key, "count")) / steps, (e.self_device_time_total - less(key, "self_device_time_total")))
+        for key, e in totals[1].items()
+    }
+    ms = lambda us: us / steps / 1e3  # noqa: E731  (the profiler's times are microseconds over all steps)
+    ops = sorted(((k[0], calls, ms(us)) for k, (calls, us) in per_step.items() if not k[1]), key=lambda r: -r[2])
+    kernels = sorted(((k[0], calls, ms(us)) for k, (calls, us) in per_step.items() if k[1]), key=lambda r: -r[2])
+    device_ms = sum(r[2] for r in kernels)
+    return {"script": script, "flags": list(map(str, extra)), "device_ms": device_ms, "ops": ops, "kernels": kernels}
 
 
 def gpu_lines():
@@ -200,53 +266,56 @@ def gpu_lines():
     return name, [f"- driver {driver}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"]
 
 
-def report(args, checks, speed, aug, name, extra_lines):
+def report(args, checks, speed, aug, name, extra_lines, profiles=()):
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     lines = [f"# GPU check of --cuda-graph and --compile-augment: {name}", "", *machine_lines(torch.device("cuda"))]
-    lines += [*extra_lines, "", "## graph = eager (WRN-10-2, B 16, mu 2, 16 steps, deterministic algorithms)", ""]
-    lines += [
-        "| script | ok | bitwise | max tensor diff (where) | max logged diff | CUDA RNG equal | resume: max diff "
-        "| host syncs in the eager step |",
-        "| --- | --- | --- | ---: | ---: | --- | --- | --- |",
-    ]
-    for c in checks:
-        syncs = {k: c["step_syncs"].count(k) for k in dict.fromkeys(c["step_syncs"])}
-        syncs = ", ".join(f"{k} x{n}" for k, n in syncs.items()) or "none"
-        if "error" in c:
-            lines.append(f"| `{c['script']}` | FAILED: {c['error']} | | | | | | {syncs} |")
-            continue
-        if "deterministic_capture_error" in c:
-            syncs += f"; with deterministic kernels the capture failed ({c['deterministic_capture_error']})"
-        r = c.get("resume")
-        resume = "-" if r is None else f"{r['tensor_diff']:.2g}{' (bitwise)' if r['bitwise'] else ''}"
-        lines.append(
-            f"| `{c['script']}` | {'yes' if c['ok'] else 'FAILED'} | {'yes' if c['bitwise'] else 'no'} | "
-            f"{c['tensor_diff']:.2g} ({c['worst'] or '-'}) | {c['row_diff']:.2g} | {'yes' if c['rng_equal'] else 'NO'} "
-            f"| {resume} | {syncs} |"
-        )
-    lines += [
-        "",
-        f"## Speed (defaults: WRN-28-2, B 64, each script's mu, bf16; {args.steps} steps, intervals of "
-        f"{args.log_every}, median after the first)",
-        "",
-        "steps/s of: eager; `--cuda-graph`; `--cuda-graph --compile-augment`; `--cuda-graph --compile-augment "
-        "--compile`. MFU: GFLOP/step (FlopCounterMode, eager) x steps/s over the dense bf16 peak, for the fastest.",
-        "",
-        "| script | eager | graph | graph + compiled aug | graph + compiled aug + model | best / eager | GFLOP/step "
-        "| MFU eager | MFU best |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for script, rows in speed.items():
-        e = rows["eager"] if isinstance(rows.get("eager"), dict) else None  # "skipped", "failed (...)"
-        rates = [rows[k]["steps_per_s"] if isinstance(rows.get(k), dict) else None for k in VARIANTS]
-        best = max((r for r in rates if r), default=None)
-        cells = [f(r, ".1f") if r or not isinstance(rows.get(k), str) else rows[k] for r, k in zip(rates, VARIANTS)]
-        gain = best / e["steps_per_s"] if e and best else None
-        mfu_best = e["mfu"] * gain if e and e["mfu"] and gain else None  # MFU scales with steps/s
-        lines.append(
-            f"| `{script}` | {' | '.join(cells)} | {f(gain, '.2f')} | {f(e and e['gflop_per_step'], '.1f')} "
-            f"| {f(e and e['mfu'], '.1%')} | {f(mfu_best, '.1%')} |"
-        )
+    lines += extra_lines
+    if checks:
+        lines += ["", "## graph = eager (WRN-10-2, B 16, mu 2, 16 steps, deterministic algorithms)", ""]
+        lines += [
+            "| script | ok | bitwise | max tensor diff (where) | max logged diff | CUDA RNG equal | resume: max diff "
+            "| host syncs in the eager step |",
+            "| --- | --- | --- | ---: | ---: | --- | --- | --- |",
+        ]
+        for c in checks:
+            syncs = {k: c["step_syncs"].count(k) for k in dict.fromkeys(c["step_syncs"])}
+            syncs = ", ".join(f"{k} x{n}" for k, n in syncs.items()) or "none"
+            if "error" in c:
+                lines.append(f"| `{c['script']}` | FAILED: {c['error']} | | | | | | {syncs} |")
+                continue
+            if "deterministic_capture_error" in c:
+                syncs += f"; with deterministic kernels the capture failed ({c['deterministic_capture_error']})"
+            r = c.get("resume")
+            resume = "-" if r is None else f"{r['tensor_diff']:.2g}{' (bitwise)' if r['bitwise'] else ''}"
+            lines.append(
+                f"| `{c['script']}` | {'yes' if c['ok'] else 'FAILED'} | {'yes' if c['bitwise'] else 'no'} | "
+                f"{c['tensor_diff']:.2g} ({c['worst'] or '-'}) | {c['row_diff']:.2g} | "
+                f"{'yes' if c['rng_equal'] else 'NO'} | {resume} | {syncs} |"
+            )
+    if speed:
+        lines += [
+            "",
+            f"## Speed (defaults: WRN-28-2, B 64, each script's mu, bf16; {args.steps} steps, intervals of "
+            f"{args.log_every}, median after the first)",
+            "",
+            "steps/s of: eager; `--cuda-graph`; `--cuda-graph --compile-augment`; `--cuda-graph --compile-augment "
+            "--compile`. MFU: GFLOP/step (FlopCounterMode, eager) x steps/s over the dense bf16 peak, for the fastest.",
+            "",
+            "| script | eager | graph | graph + compiled aug | graph + compiled aug + model | best / eager "
+            "| GFLOP/step | MFU eager | MFU best |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for script, rows in speed.items():
+            e = rows["eager"] if isinstance(rows.get("eager"), dict) else None  # "skipped", "failed (...)"
+            rates = [rows[k]["steps_per_s"] if isinstance(rows.get(k), dict) else None for k in VARIANTS]
+            best = max((r for r in rates if r), default=None)
+            cells = [f(r, ".1f") if r or not isinstance(rows.get(k), str) else rows[k] for r, k in zip(rates, VARIANTS)]
+            gain = best / e["steps_per_s"] if e and best else None
+            mfu_best = e["mfu"] * gain if e and e["mfu"] and gain else None  # MFU scales with steps/s
+            lines.append(
+                f"| `{script}` | {' | '.join(cells)} | {f(gain, '.2f')} | {f(e and e['gflop_per_step'], '.1f')} "
+                f"| {f(e and e['mfu'], '.1%')} | {f(mfu_best, '.1%')} |"
+            )
     if aug and "error" in aug:
         lines += ["", "## strong_augment alone (448 images)", "", f"FAILED: {aug['error']}"]
     elif aug:
@@ -258,6 +327,43 @@ def report(args, checks, speed, aug, name, extra_lines):
             f"{aug['compile_s']:.0f} s); compiled vs eager for the same draws: {aug['values_differing']} of "
             f"{aug['values']} values differ, by at most {aug['max_level_diff']} grey level(s).",
         ]
+        if aug.get("per_op"):
+            lines += [
+                "",
+                "Each op alone on the same images (slot 1 draws it for every image, slots 2-3 "
+                "identity, no Cutout): values of the device's eager output that differ from the CPU's and from the "
+                "compiled output's, and by how many grey levels at most.",
+                "",
+                "| op | CUDA vs CPU: values differing | max | compiled vs eager: values differing | max |",
+                "| --- | ---: | ---: | ---: | ---: |",
+            ]
+            lines += [
+                f"| {r['op']} | {r['cpu'][0]} | {r['cpu'][1]} | {r['compiled'][0]} | {r['compiled'][1]} |"
+                for r in aug["per_op"]
+            ]
+    for prof in profiles:
+        flags = " ".join(prof["flags"])
+        lines += [
+            "",
+            f"## Where the eager step's device time goes: `{prof['script']}{' ' + flags if flags else ''}`",
+            "",
+        ]
+        if "error" in prof:
+            lines.append(f"FAILED: {prof['error']}")
+            continue
+        lines += [
+            f"Defaults (WRN-28-2, B 64, its mu, bf16), torch.profiler, steps {PROFILE_STEPS[0] + 1}-{PROFILE_STEPS[1]} "
+            f"(a {PROFILE_STEPS[1]}-step run less a {PROFILE_STEPS[0]}-step one): {prof['device_ms']:.2f} ms of "
+            "kernels, copies and memsets per step. The aten ops with the most device time of their own (their "
+            "kernels), then the kernels themselves:",
+            "",
+            "| aten op | calls/step | ms/step | share |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        share = lambda v, total=prof["device_ms"]: f"{v / total:.1%}" if total else "-"  # noqa: E731
+        lines += [f"| `{k}` | {c:g} | {v:.3f} | {share(v)} |" for k, c, v in prof["ops"][:25]]
+        lines += ["", "| kernel | calls/step | ms/step | share |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{k[:110]}` | {c:g} | {v:.3f} | {share(v)} |" for k, c, v in prof["kernels"][:15]]
     return "\n".join(lines) + "\n"
 
 
@@ -270,25 +376,46 @@ def main():
     p.add_argument("--budget", type=positive, default=420, help="seconds: no new run starts after this (skipped)")
     p.add_argument("--no-checks", action="store_true", help="skip graph = eager and resume")
     p.add_argument("--no-speed", action="store_true", help="skip the speed runs")
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="skip strong_augment alone (after the targets, or first with --no-speed)",
+    )
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs (no MFU)")
+    p.add_argument(
+        "--profile",
+        nargs="+",
+        default=[],
+        metavar="SCRIPT",
+        help="after the rest: where the eager "
+        "step's device time goes (torch.profiler), at the defaults and with --compile --compile-augment",
+    )
     p.add_argument("--out", default=None, help="markdown file, default bench/results/gpu_check_<GPU>.md")
     args = p.parse_args()
     if not torch.cuda.is_available():
         fail("needs CUDA: this checks CUDA graphs on a GPU")
     check_scripts(args.scripts, SCRIPTS)
+    check_scripts(args.profile, SCRIPTS)
     if args.steps < 2 * args.log_every:
         fail(f"--steps {args.steps} must be at least 2 x --log-every {args.log_every}: the first interval is warm-up")
     name, extra = gpu_lines()
     out = Path(args.out or ROOT / "bench" / "results" / f"gpu_check_{name.split()[-1] if ' ' in name else name}.md")
-    t0, checks, speed, aug = time.perf_counter(), [], {}, None
+    t0, checks, speed, aug, profiles = time.perf_counter(), [], {}, None, []
     left = lambda: time.perf_counter() - t0 < args.budget  # noqa: E731
 
     def write():  # after every script: a run stopped by a time limit still leaves its table
         lines = [*extra, f"- wall time of this check: {time.perf_counter() - t0:.0f} s"]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report(args, checks, speed, aug, name, lines))
-        data = {"checks": checks, "speed": speed, "augment": aug, "command": " ".join(sys.argv)}
+        out.write_text(report(args, checks, speed, aug, name, lines, profiles))
+        data = {"checks": checks, "speed": speed, "augment": aug, "profiles": profiles, "command": " ".join(sys.argv)}
         out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+    def augment():
+        try:
+            return augment_speed()
+        except Exception as e:  # a compile that fails, say: reported, the other runs still go
+            print(f"strong_augment: {e}", file=sys.stderr, flush=True)
+            return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = str(Path(tmp) / "data")
@@ -335,12 +462,25 @@ def main():
                     rate = row["steps_per_s"] if isinstance(row, dict) else row
                     print(f"speed {script} {variant}: {rate} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
                     write()
-                if aug is None and left():
-                    try:
-                        aug = augment_speed()
-                    except Exception as e:  # a compile that fails, say: reported, the other scripts still run
-                        aug = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-                        print(f"strong_augment: {aug['error']}", file=sys.stderr, flush=True)
+                if aug is None and left() and not args.no_augment:
+                    aug = augment()
+        if aug is None and left() and not args.no_augment:  # --no-speed
+            aug = augment()
+        for script, flags in [(s, f) for s in args.profile for f in ((), ("--compile", "--compile-augment"))]:
+            if not left():
+                break
+            try:
+                profiles.append(profile_step(script, data_dir, Path(tmp) / "profile", extra=flags))
+            except Exception as e:  # reported; the other profiles still run
+                error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                profiles.append({"script": script, "flags": list(flags), "error": error})
+            common._apply_strong = common._strong_ops
+            print(
+                f"profile {script} {flags}: {profiles[-1].get('device_ms')} ms ({time.perf_counter() - t0:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            write()
     write()
     print(out.read_text())
     sys.exit(0 if checks and all(c.get("ok") for c in checks) or args.no_checks else 1)

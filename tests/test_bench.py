@@ -549,6 +549,43 @@ def test_gpu_check_compares_and_resumes_on_the_cpu(tmp_path):
     assert "| `supervised.py` | yes | yes |" in text and "| `pi_model.py` | FAILED |" in text
 
 
+def test_gpu_check_profiles_a_step_and_compares_each_augment_op_on_the_cpu(tmp_path):
+    """bench/gpu_check.py's profile and per-op comparison, on the CPU (no device time to measure there): the
+    profile's calls per step are the difference of a 30-step and a 10-step run over 20 steps (a supervised step of
+    WRN-10-1 runs each of its 9 convolutions and 7 BatchNorms once forward and once backward); the per-op table
+    counts the values a stand-in "compiled" augmentation changes, and none for the eager one."""
+    from unittest import mock
+
+    import gpu_check
+    from fakedata import make_fake_dataset
+
+    data = str(tmp_path / "data")
+    make_fake_dataset("cifar10", data, n_train=300, n_test=40)
+    tiny = ("--depth", "10", "--width", "1", "--batch-size", "8", "--amp", "none")
+    prof = gpu_check.profile_step("supervised.py", data, tmp_path / "profile", device="cpu", extra=tiny)
+    model = common.WideResNet(10, 10, 1, 3)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert (convs, norms) == (9, 7)
+    calls = {name: c for name, c, _ in prof["ops"]}
+    assert calls["aten::convolution"] == calls["aten::convolution_backward"] == convs, calls
+    assert calls["aten::native_batch_norm"] == calls["aten::native_batch_norm_backward"] == norms, calls
+    assert prof["device_ms"] == 0 and prof["kernels"] == []  # no device: nothing timed there
+
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    same = gpu_check.augment_op_diffs(x, common._strong_ops)
+    assert [r["op"] for r in same] == list(common._RA_OPS) and all(r["cpu"] == r["compiled"] == [0, 0] for r in same)
+    flipped = gpu_check.augment_op_diffs(x, lambda *a: common._strong_ops(*a) ^ 1)  # every value off by one level
+    assert all(r["cpu"] == [0, 0] and r["compiled"] == [x.numel(), 1] for r in flipped)
+    aug = {"eager": 1.0, "compiled": 2.0, "compile_s": 0.0, "max_level_diff": 1, "values_differing": 1}
+    aug.update(values=x.numel(), per_op=flipped)
+    with mock.patch.object(gpu_check, "machine_lines", lambda device: ["- a CPU"]):
+        text = gpu_check.report(mock.Mock(steps=60, log_every=20), [], {}, aug, "CPU", [], [prof])
+    top, calls, _ = prof["ops"][0]
+    assert "## graph = eager" not in text and "## Speed" not in text  # no checks, no speed runs: no empty tables
+    assert f"| rotate | 0 | 0 | {x.numel()} | 1 |" in text and f"| `{top}` | {calls:g} | 0.000 | - |" in text
+
+
 def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, monkeypatch):
     """bench/gpu_check.py's main() with the CUDA runs replaced by stand-ins that take 10 s of a fake clock each: the
     checks, then supervised, UDA and FlexMatch in every variant, then strong_augment alone, then the other scripts;
@@ -573,8 +610,12 @@ def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, mon
     monkeypatch.setattr(gpu_check, "check", check)
     monkeypatch.setattr(gpu_check, "measure_script", lambda script, *a, extra=(), **k: run((script, *extra)))
     monkeypatch.setattr(gpu_check, "augment_speed", lambda: {**run("augment"), "error": "stand-in"})
+    profile = {"device_ms": 2.0, "ops": [("aten::convolution", 9.0, 1.5)], "kernels": [("conv_kernel", 9.0, 1.5)]}
+    stand_in = lambda script, *a, extra=(): {**run(("profile", script, *extra)), "script": script, "flags": list(extra)}
+    monkeypatch.setattr(gpu_check, "profile_step", lambda *a, **k: {**stand_in(*a, **k), **profile})
     out = tmp_path / "check.md"
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--budget", "105", "--out", str(out)])
+    scripts = ["--scripts", "supervised.py", "uda.py", "flexmatch.py", "pi_model.py", "--profile", "uda.py", "dst.py"]
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", *scripts, "--budget", "155", "--out", str(out)])
     with pytest.raises(SystemExit) as stop:
         gpu_check.main()
     assert stop.value.code == 0  # every check passed
@@ -590,8 +631,22 @@ def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, mon
         ("flexmatch.py", g, a),
         ("supervised.py", g, a, c),
         ("uda.py", g, a, c),
-        "augment",  # starts at 100 s, before the budget of 105 s; nothing after it
+        ("flexmatch.py", g, a, c),
+        "augment",
+        ("pi_model.py",),
+        ("pi_model.py", g),
+        ("profile", "uda.py"),
+        ("profile", "uda.py", c, a),  # starts at 150 s, before the budget of 155 s; nothing after it
     ]
     text = out.read_text()
-    assert "| `pi_model.py` | skipped | skipped | - | - |" in text and "FAILED: stand-in" in text
+    assert "| `pi_model.py` | 100.0 | 100.0 | - | - |" in text and "FAILED: stand-in" in text
+    assert "time goes: `uda.py --compile --compile-augment`" in text and "dst.py" not in text
+    assert "| `aten::convolution` | 9 | 1.500 | 75.0% |" in text
     assert json.loads(out.with_suffix(".json").read_text())["speed"]["uda.py"]["graph"]["steps_per_s"] == 100.0
+    started.clear()  # no speed runs: strong_augment alone, then the profiles
+    monkeypatch.setattr(
+        sys, "argv", ["gpu_check.py", "--no-checks", "--no-speed", "--profile", "dst.py", "--out", str(out)]
+    )
+    with pytest.raises(SystemExit):
+        gpu_check.main()
+    assert started == ["augment", ("profile", "dst.py"), ("profile", "dst.py", c, a)]
