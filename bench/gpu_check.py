@@ -170,29 +170,44 @@ def check(script, data_dir, root, tolerance, device="cuda", graph=("--cuda-graph
 
 
 def augment_speed(repeats=20):
-    """strong_augment on 448 random CIFAR-sized images on the GPU, eager and compiled: images/s, and whether the
-    compiled images equal the eager ones for the same draws."""
+    """strong_augment on 448 random CIFAR-sized images on the GPU, eager and compiled, called from Python and
+    replayed from a CUDA graph (as inside a --cuda-graph step): images/s; and whether the compiled images equal the
+    eager ones for the same draws."""
     x = torch.randint(0, 256, (448, 3, 32, 32), dtype=torch.uint8, device="cuda")
-    eager = 448 / _median_seconds(lambda: common.strong_augment(x), repeats, x.device)
+    out = {"eager": 448 / _median_seconds(lambda: common.strong_augment(x), repeats, x.device)}
+    out["eager_graph"] = replayed_speed(lambda: common.strong_augment(x), 448, repeats)
     torch.manual_seed(0)
     ref = common.strong_augment(x)
     start = time.perf_counter()
     common.compile_augment()
-    compiled = 448 / _median_seconds(lambda: common.strong_augment(x), repeats, x.device)
-    compile_s = time.perf_counter() - start
+    out["compiled"] = 448 / _median_seconds(lambda: common.strong_augment(x), repeats, x.device)
+    out["compile_s"] = time.perf_counter() - start
+    out["compiled_graph"] = replayed_speed(lambda: common.strong_augment(x), 448, repeats)
     torch.manual_seed(0)
     diff = (common.strong_augment(x).int() - ref.int()).abs()
-    per_op = augment_op_diffs(x, common._apply_strong)
+    out["per_op"] = augment_op_diffs(x, common._apply_strong)
     common._apply_strong = common._strong_ops  # back to eager for what follows
-    return {
-        "per_op": per_op,
-        "eager": eager,
-        "compiled": compiled,
-        "compile_s": compile_s,
-        "max_level_diff": diff.max().item(),
-        "values_differing": diff.count_nonzero().item(),
-        "values": diff.numel(),
-    }
+    out.update(max_level_diff=diff.max().item(), values_differing=diff.count_nonzero().item(), values=diff.numel())
+    return out
+
+
+def replayed_speed(fn, images, repeats, replays=10):
+    """Images/s of fn() replayed from a CUDA graph (captured after warm-up calls on a side stream), `replays`
+    replays per timed call; a failed capture gives its error instead."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        replay = lambda: [graph.replay() for _ in range(replays)]  # noqa: E731
+        return replays * images / _median_seconds(replay, repeats, torch.device("cuda"))
+    except Exception as e:  # reported; the other measurements still go
+        return f"capture failed ({type(e).__name__})"
 
 
 def augment_op_diffs(x, compiled):
@@ -316,6 +331,7 @@ def report(args, checks, speed, aug, name, extra_lines, profiles=()):
                 f"| `{script}` | {' | '.join(cells)} | {f(gain, '.2f')} | {f(e and e['gflop_per_step'], '.1f')} "
                 f"| {f(e and e['mfu'], '.1%')} | {f(mfu_best, '.1%')} |"
             )
+    rate = lambda v: f"{v:,.0f} images/s" if isinstance(v, float) else v or "-"  # noqa: E731  (or an error)
     if aug and "error" in aug:
         lines += ["", "## strong_augment alone (448 images)", "", f"FAILED: {aug['error']}"]
     elif aug:
@@ -324,7 +340,8 @@ def report(args, checks, speed, aug, name, extra_lines, profiles=()):
             "## strong_augment alone (448 images)",
             "",
             f"eager {aug['eager']:,.0f} images/s, compiled {aug['compiled']:,.0f} images/s (compiling and timing took "
-            f"{aug['compile_s']:.0f} s); compiled vs eager for the same draws: {aug['values_differing']} of "
+            f"{aug['compile_s']:.0f} s); replayed from a CUDA graph: eager {rate(aug.get('eager_graph'))}, compiled "
+            f"{rate(aug.get('compiled_graph'))}. Compiled vs eager for the same draws: {aug['values_differing']} of "
             f"{aug['values']} values differ, by at most {aug['max_level_diff']} grey level(s).",
         ]
         if aug.get("per_op"):

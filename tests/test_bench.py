@@ -578,11 +578,14 @@ def test_gpu_check_profiles_a_step_and_compares_each_augment_op_on_the_cpu(tmp_p
     flipped = gpu_check.augment_op_diffs(x, lambda *a: common._strong_ops(*a) ^ 1)  # every value off by one level
     assert all(r["cpu"] == [0, 0] and r["compiled"] == [x.numel(), 1] for r in flipped)
     aug = {"eager": 1.0, "compiled": 2.0, "compile_s": 0.0, "max_level_diff": 1, "values_differing": 1}
-    aug.update(values=x.numel(), per_op=flipped)
+    aug.update(values=x.numel(), per_op=flipped, eager_graph=4480.0, compiled_graph="capture failed (RuntimeError)")
     with mock.patch.object(gpu_check, "machine_lines", lambda device: ["- a CPU"]):
         text = gpu_check.report(mock.Mock(steps=60, log_every=20), [], {}, aug, "CPU", [], [prof])
     top, calls, _ = prof["ops"][0]
     assert "## graph = eager" not in text and "## Speed" not in text  # no checks, no speed runs: no empty tables
+    assert "replayed from a CUDA graph: eager 4,480 images/s, compiled capture failed (RuntimeError)." in text
+    if not torch.cuda.is_available():  # no CUDA: the capture fails, and says so instead of raising
+        assert gpu_check.replayed_speed(lambda: None, 1, 1).startswith("capture failed (")
     assert f"| rotate | 0 | 0 | {x.numel()} | 1 |" in text and f"| `{top}` | {calls:g} | 0.000 | - |" in text
 
 
