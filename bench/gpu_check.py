@@ -72,6 +72,11 @@ VARIANTS = {  # speed runs: name -> (flags, scripts it applies to; None: every s
 PROFILE_STEPS = (10, 30)  # --profile: two runs; their difference is 20 steady steps (start, autotuning and eval cancel)
 
 
+def one_line(e, length=300):
+    """An exception as one line for the table: its type and the start of its message."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:length]}"
+
+
 def load(run_dir):
     return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
 
@@ -149,7 +154,7 @@ def check(script, data_dir, root, tolerance, device="cuda", graph=("--cuda-graph
         except Exception as e:  # a deterministic kernel that cannot be captured? Once more with the default ones
             if not torch.are_deterministic_algorithms_enabled():
                 raise
-            out["deterministic_capture_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            out["deterministic_capture_error"] = one_line(e, 200)
             torch.use_deterministic_algorithms(False)
             try:
                 graphed = root / "graph_default_kernels"
@@ -165,7 +170,7 @@ def check(script, data_dir, root, tolerance, device="cuda", graph=("--cuda-graph
             out["resume"] = compare(root / "straight", root / "at8")
             out["ok"] = out["ok"] and out["resume"]["rng_equal"] and out["resume"]["tensor_diff"] <= tolerance
     except Exception as e:  # a failed capture, say: reported, and the other scripts still run
-        out.update(ok=False, error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        out.update(ok=False, error=one_line(e))
     return out
 
 
@@ -404,8 +409,7 @@ def main():
         nargs="+",
         default=[],
         metavar="SCRIPT",
-        help="after the rest: where the eager "
-        "step's device time goes (torch.profiler), at the defaults and with --compile --compile-augment",
+        help="last: where an eager step's device time goes (torch.profiler), at the defaults and compiled",
     )
     p.add_argument("--out", default=None, help="markdown file, default bench/results/gpu_check_<GPU>.md")
     args = p.parse_args()
@@ -432,7 +436,7 @@ def main():
             return augment_speed()
         except Exception as e:  # a compile that fails, say: reported, the other runs still go
             print(f"strong_augment: {e}", file=sys.stderr, flush=True)
-            return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+            return {"error": one_line(e)}
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = str(Path(tmp) / "data")
@@ -489,8 +493,7 @@ def main():
             try:
                 profiles.append(profile_step(script, data_dir, Path(tmp) / "profile", extra=flags))
             except Exception as e:  # reported; the other profiles still run
-                error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                profiles.append({"script": script, "flags": list(flags), "error": error})
+                profiles.append({"script": script, "flags": list(flags), "error": one_line(e)})
             common._apply_strong = common._strong_ops
             print(
                 f"profile {script} {flags}: {profiles[-1].get('device_ms')} ms ({time.perf_counter() - t0:.0f} s)",
