@@ -591,8 +591,9 @@ def test_gpu_check_profiles_a_step_and_compares_each_augment_op_on_the_cpu(tmp_p
 
 def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, monkeypatch):
     """bench/gpu_check.py's main() with the CUDA runs replaced by stand-ins that take 10 s of a fake clock each: the
-    checks, then supervised, UDA and FlexMatch in every variant, then strong_augment alone, then the other scripts;
-    nothing starts after --budget (the table says skipped), and the table and its json are written."""
+    checks, then supervised, UDA and FlexMatch in every variant, then strong_augment alone, then the other scripts,
+    then the profiles; nothing starts after --budget (the table says skipped), and the table and its json are
+    written. With --no-speed: strong_augment alone, then the profiles."""
     import gpu_check
 
     clock, started = [0.0], []
@@ -653,3 +654,10 @@ def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, mon
     with pytest.raises(SystemExit):
         gpu_check.main()
     assert started == ["augment", ("profile", "dst.py"), ("profile", "dst.py", c, a)]
+    started.clear()  # a budget spent by strong_augment alone: the speed runs after it are skipped
+    monkeypatch.setattr(
+        sys, "argv", ["gpu_check.py", "--no-checks", "--scripts", "pi_model.py", "--budget", "5", "--out", str(out)]
+    )
+    with pytest.raises(SystemExit):
+        gpu_check.main()
+    assert started == ["augment"] and "| `pi_model.py` | skipped | skipped | - | - |" in out.read_text()
