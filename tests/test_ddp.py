@@ -6,7 +6,8 @@
 - FlexMatch's marks and Temporal Ensembling's buffer stay identical on both ranks and hold both
   ranks' updates;
 - a 2-process run killed at its first checkpoint and resumed under torchrun ends as the
-  uninterrupted 2-process run, bit for bit.
+  uninterrupted 2-process run, bit for bit;
+- a resume whose checkpoint does not load (checked after the DDP wrap) is one line and exit 2 on each rank.
 
 The tests that need to steer the data or read a rank's state afterwards launch a small driver (written
 here) that patches `common` and runs the script with runpy, as torchrun would run it."""
@@ -346,3 +347,30 @@ def test_sync_bn_without_cuda_is_one_line_and_exit_2(data_dir, tmp_path):
         and len(proc.stderr.strip().splitlines()) == 1
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_that_does_not_fit_under_torchrun_is_one_line_and_exit_2(data_dir, tmp_path):
+    """The one bad-input check a resume reaches after the DDP wrap (the checkpoint's state does not load):
+    every rank says it in one line and exits 2 (or torchrun ends it with SIGTERM once its peer has), none
+    aborts (SIGABRT: a group torn down in interpreter teardown) and none prints a traceback; the run is
+    left as it was. 25 such resumes of supervised.py at 7fd5194: 46 ranks exited 2, 4 got SIGTERM."""
+    out = tmp_path / "r"
+    torchrun("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 5, "--run-dir", out)
+    ckpt = checkpoint(out)
+    del ckpt["model"]["conv1.weight"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    before = (out / "metrics.jsonl").read_text()
+    proc = subprocess.run(
+        torchrun_cmd("supervised.py", "--resume", out, "--total-steps", 10),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
+    said = [line for line in proc.stderr.splitlines() if line.startswith("supervised.py: error:")]
+    codes = [line.split(":")[1].split()[0] for line in proc.stderr.splitlines() if line.strip().startswith("exitcode")]
+    assert proc.returncode != 0 and 1 <= len(said) <= 2 and "does not fit this run" in said[0], proc.stderr[-3000:]
+    assert codes and set(codes) <= {"2", "-15"} and "2" in codes, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr and 'File "' + str(ROOT / "supervised.py") not in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == before
