@@ -135,10 +135,20 @@ class DSTNet(common.WideResNet):
 
 
 # TRY NOT TO MODIFY: the arguments (generic, then the method's), resume, checks
+def leave(code):
+    """Exit with `code`; under torchrun straight out after a flush (os._exit), skipping interpreter teardown, where
+    the threads of the process group (DDP holds it) aborted a rank now and then (SIGABRT in place of `code`)."""
+    if dist.is_available() and dist.is_initialized():  # DISTRIBUTED
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def fail(message):
     """Bad input: one line on stderr, exit code 2."""
     print(f"{METHOD}.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    leave(2)
 
 
 def checked(kind, ok, rule):
@@ -338,7 +348,7 @@ def load_checkpoint(run_dir, args, world, device):
         fail(f"--resume {run_dir}: --total-steps {args.total_steps} is below the checkpoint's step {ckpt['step']}")
     if not args.eval_only and ckpt["step"] == args.total_steps:
         print(f"{run_dir}: already finished at step {ckpt['step']}; a larger --total-steps continues it")
-        sys.exit(0)
+        leave(0)
     return ckpt
 
 
@@ -382,7 +392,7 @@ def check_finite(step, values, run_dir):
         if not math.isfinite(v):
             why = f"diverged by step {step}: {k} is {v}; nothing of it was saved, {run_dir} keeps the last checkpoint"
             print(f"{METHOD}.py: error: {why} (a new run with a lower --lr may not diverge)", file=sys.stderr)
-            sys.exit(3)
+            leave(3)
 
 
 if __name__ == "__main__":
@@ -407,10 +417,12 @@ if __name__ == "__main__":
 
     def interrupted(signum, frame):  # Ctrl-C, SIGTERM: one line on how to go on (the checkpoint on disk is whole)
         how = "no checkpoint yet, nothing to resume"
-        if (run_dir / "checkpoint.pt").is_file():
-            how = f"continue with: python {METHOD}.py --resume {run_dir}"
-        print(f"{METHOD}.py: interrupted at step {globals().get('step', 0)}; {how}", file=sys.stderr)
-        sys.exit(130)
+        if (run_dir / "checkpoint.pt").is_file():  # DISTRIBUTED: under torchrun, resumed by as many processes
+            launch = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
+            how = f"continue with: {launch} {METHOD}.py --resume {run_dir}"
+        if rank == 0:  # DISTRIBUTED: every rank gets the signal, rank 0 alone says it
+            print(f"{METHOD}.py: interrupted at step {globals().get('step', 0)}; {how}", file=sys.stderr)
+        leave(130)
 
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
@@ -484,7 +496,7 @@ if __name__ == "__main__":
         acc, loss_eval, acc_raw = evaluate(ema_model, model, data.x_test, data.y_test, info, autocast)
         text = f"eval acc {acc:.2f} (raw model {acc_raw:.2f}) | loss {loss_eval:.4f}"
         print(f"{METHOD} | {run_dir} | step {start_step} | {text}")
-        sys.exit(0)
+        leave(0)
     metrics, writer = run_dir / "metrics.jsonl", None
     if rank == 0:  # DISTRIBUTED: rank 0 alone writes
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """Running the method scripts in tests: as a subprocess (as a user runs them) or in-process (to look at
 the trained objects afterwards), on a tiny network and fake Fashion-MNIST (no md5 to patch)."""
 
+import builtins
+import errno
 import json
 import os
 import runpy
@@ -241,6 +243,38 @@ def run_frozen_replay(script, *args):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     return {**scope, "captured": captured}
+
+
+class HalfWritten:
+    """A file that a full disk cuts short: its write puts down the first half of the text, then raises ENOSPC."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, text):
+        self.f.write(text[: len(text) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def full_disk_open(n, name="metrics.jsonl"):
+    """An open() for builtins.open whose n-th opening of a file called `name` for appending gives a HalfWritten."""
+    real_open, count = builtins.open, [0]
+
+    def opener(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if mode == "a" and not isinstance(file, int) and Path(file).name == name:
+            count[0] += 1
+            return HalfWritten(f) if count[0] == n else f
+        return f
+
+    return opener
 
 
 def rows(run_dir):

@@ -7,13 +7,16 @@
   ranks' updates;
 - a 2-process run killed at its first checkpoint and resumed under torchrun ends as the
   uninterrupted 2-process run, bit for bit;
-- a resume whose checkpoint does not load (checked after the DDP wrap) is one line and exit 2 on each rank.
+- a resume whose checkpoint does not load (checked after the DDP wrap) is one line and exit 2 on each rank;
+- a full disk on rank 0 in mid-run is its one line and exit 2, and torchrun --resume then loses nothing.
+- Ctrl-C under torchrun is one line from rank 0 with the torchrun command that resumes, and that command does.
 
 The tests that need to steer the data or read a rank's state afterwards launch a small driver (written
 here) that patches `common` and runs the script with runpy, as torchrun would run it."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scriptrun import OFFLINE, ROOT, TINY, checkpoint, flat, rows, run, same
+from scriptrun import OFFLINE, ROOT, TINY, checkpoint, flat, rows, run, same, same_run
 from scripts import SCRIPTS
 
 ENV = {**OFFLINE, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # 2 processes, 2 cores; a crash prints its stack
@@ -374,3 +377,71 @@ def test_checkpoint_that_does_not_fit_under_torchrun_is_one_line_and_exit_2(data
     assert codes and set(codes) <= {"2", "-15"} and "2" in codes, proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr and 'File "' + str(ROOT / "supervised.py") not in proc.stderr
     assert (out / "metrics.jsonl").read_text() == before
+
+
+# A driver whose rank 0 finds the disk full halfway through its 4th metrics row (scriptrun.full_disk_open), and
+# whose every rank leaves the file $WATCH<rank> if it goes through interpreter teardown (atexit runs there).
+FULL_DISK_DRIVER = """
+import atexit, builtins, os, runpy, sys
+sys.path[:0] = {paths!r}  # as pytest.ini's pythonpath
+from scriptrun import full_disk_open
+
+rank = os.environ["RANK"]
+atexit.register(lambda: open(os.environ["WATCH"] + rank, "w").close())
+if rank == "0":
+    builtins.open = full_disk_open(4)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_disk_on_rank_0_in_mid_run_is_its_one_line_and_resume_loses_nothing(data_dir, tmp_path):
+    """Rank 0 alone writes: at step 6's eval row (the step 5 checkpoint on disk, rank 1 training on) its disk is
+    full. Rank 0 says so in one line and exits 2 without interpreter teardown (leave(): DDP's threads met there
+    aborted it, SIGABRT, in 2 of 45 such runs at 7acd43e), and torchrun's summary names it the root cause. Rank 1
+    then stops on its broken collective or on torchrun's SIGTERM (gloo's traceback, or the interrupted line): the
+    peer's loss, not a second cause. torchrun --resume then ends as the uninterrupted 2-process run: the same
+    tensors, bit for bit, and the same rows."""
+    straight, full, driver = tmp_path / "straight", tmp_path / "full", tmp_path / "driver.py"
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 10]
+    torchrun("supervised.py", *args, "--run-dir", straight)
+    driver.write_text(FULL_DISK_DRIVER.format(paths=[str(ROOT / d) for d in (".", "tests", "bench")]))
+    proc = subprocess.run(
+        torchrun_cmd(driver, ROOT / "supervised.py", *args, "--run-dir", full),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**ENV, "WATCH": str(tmp_path / "teardown")},
+        timeout=300,
+    )
+    said = [line for line in proc.stderr.splitlines() if line.startswith("supervised.py: error:")]
+    line = f"cannot write {full / 'metrics.jsonl'} (No space left on device): free space and --resume"
+    assert proc.returncode != 0 and said == [f"supervised.py: error: {line}"], proc.stderr[-3000:]
+    root_cause = proc.stderr.split("Root Cause (first observed failure):")[-1]
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s+exitcode\s*: 2\b", root_cause), proc.stderr[-3000:]
+    assert not (tmp_path / "teardown0").exists() and "terminate called" not in proc.stderr
+    assert checkpoint(full)["step"] == 5
+    torchrun("supervised.py", "--resume", full)
+    assert same_run(straight, full) and len(checkpoint(full)["rng_cpu"]) == 2
+
+
+def test_ctrl_c_under_torchrun_is_one_line_with_the_command_that_resumes(data_dir, tmp_path):
+    """Ctrl-C reaches torchrun (its workers have their own sessions), which passes SIGINT to every rank: rank 0
+    alone says where the run stopped and how to go on, and the command is torchrun's (a single process refuses a
+    2-process checkpoint); no rank aborts in teardown. That command then finishes the run."""
+    out = tmp_path / "r"
+    cmd = torchrun_cmd("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 200, "--run-dir", out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    said = [line for line in err.splitlines() if "interrupted at step" in line]
+    assert len(said) == 1 and said[0].endswith(
+        f"; continue with: torchrun --nproc_per_node=2 supervised.py --resume {out}"
+    ), err[-3000:]
+    assert "terminate called" not in err and 'File "' + str(ROOT / "supervised.py") not in err, err[-3000:]
+    step = checkpoint(out)["step"]
+    assert 5 <= step < 200, "the run ended before the signal: the test proves nothing"
+    torchrun("supervised.py", "--resume", out)
+    assert checkpoint(out)["step"] == 200 and [r["step"] for r in rows(out)][-1] == 200

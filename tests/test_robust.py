@@ -4,6 +4,7 @@ dirs, a full disk and Ctrl-C, each ending in one line on stderr with the previou
 
 Argument checks run in-process on every script; run-level cases on supervised.py and on mpl.py (two networks)."""
 
+import builtins
 import errno
 import json
 import pickle
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from fakedata import make_fake_dataset
-from scriptrun import OFFLINE, ROOT, TINY, checkpoint, refused, run_inprocess
+from scriptrun import OFFLINE, ROOT, TINY, checkpoint, full_disk_open, refused, run_inprocess, same_run
 from scripts import SCRIPTS
 
 SMALL = [*TINY, "--total-steps", 6, "--mu", 1]  # checkpoints at steps 5 and 6
@@ -278,6 +279,23 @@ def test_an_os_error_while_saving_is_one_line_too(data_dir, capsys, monkeypatch,
         1,
     )
     assert "No space left on device" in err and not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_a_full_disk_at_a_metrics_row_is_one_line_and_loses_nothing(runs, data_dir, capsys, monkeypatch, tmp_path):
+    """The 4th row of the 6-step run (step 6's eval row: after step 6's train row, before the step 6 checkpoint)
+    finds the disk full halfway through its write: one line, exit 2, the step 5 checkpoint kept. --resume drops
+    what was logged after that checkpoint (step 6's train row and the half row) and ends as the uninterrupted
+    run: the same tensors, bit for bit, and the same rows."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(builtins, "open", full_disk_open(4))
+    err = refused(capsys, "supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir)
+    assert f"cannot write {run_dir / 'metrics.jsonl'} (No space left on device): free space and --resume" in err
+    monkeypatch.undo()  # the disk has room again
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines[:3]] == [4, 5, 6] and lines[3].startswith('{"step": 6, "eval')
+    assert len(lines) == 4 and not lines[3].endswith("}") and checkpoint(run_dir)["step"] == 5
+    run_inprocess("supervised.py", "--resume", run_dir)
+    assert same_run(runs / "supervised.py", run_dir)
 
 
 def test_unwritable_run_dirs_are_refused_before_the_data_loads(capsys, monkeypatch, tmp_path):
