@@ -8,7 +8,7 @@
 - a 2-process run killed at its first checkpoint and resumed under torchrun ends as the
   uninterrupted 2-process run, bit for bit;
 - a resume whose checkpoint does not load (checked after the DDP wrap) is one line and exit 2 on each rank;
-- a full disk on rank 0 in mid-run is its one line and exit 2, and torchrun --resume then loses nothing.
+- a full disk on rank 0 in mid-run is its one line and exit 2, and torchrun --resume then loses nothing;
 - Ctrl-C under torchrun is one line from rank 0 with the torchrun command that resumes, and that command does.
 
 The tests that need to steer the data or read a rank's state afterwards launch a small driver (written
@@ -399,9 +399,9 @@ def test_a_full_disk_on_rank_0_in_mid_run_is_its_one_line_and_resume_loses_nothi
     """Rank 0 alone writes: at step 6's eval row (the step 5 checkpoint on disk, rank 1 training on) its disk is
     full. Rank 0 says so in one line and exits 2 without interpreter teardown (leave(): DDP's threads met there
     aborted it, SIGABRT, in 2 of 45 such runs at 7acd43e), and torchrun's summary names it the root cause. Rank 1
-    then stops on its broken collective or on torchrun's SIGTERM (gloo's traceback, or the interrupted line): the
-    peer's loss, not a second cause. torchrun --resume then ends as the uninterrupted 2-process run: the same
-    tensors, bit for bit, and the same rows."""
+    then stops on its broken collective (gloo's traceback) or on torchrun's SIGTERM (silently: rank 0 alone says
+    the interrupted line): the peer's loss, not a second cause. torchrun --resume then ends as the uninterrupted
+    2-process run: the same tensors, bit for bit, and the same rows."""
     straight, full, driver = tmp_path / "straight", tmp_path / "full", tmp_path / "driver.py"
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 10]
     torchrun("supervised.py", *args, "--run-dir", straight)
