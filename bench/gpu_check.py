@@ -26,11 +26,15 @@ against the dense bf16 peak. And strong_augment alone on 448 images, eager and c
 go in the order of the issue's targets: supervised, UDA and FlexMatch in every variant, strong_augment alone, then
 the other scripts, so that a --budget stop leaves out the rest, not the targets. strong_augment alone also compares
 each RandAugment op alone, eager on the GPU against the CPU and against the compiled ops.
+--layers: then WRN-28-2's convolutions and BatchNorms one at a time on 960 images (layer_speed), forward and
+backward, in bf16 channels_last (the scripts' choice), bf16 NCHW, fp16 channels_last and fp32 NCHW: whether another
+layout or dtype would make the 960-image step's kernels cheaper.
 --profile SCRIPT...: last, where an eager step's device time goes at the defaults and with --compile
 --compile-augment (torch.profiler; per aten op and per kernel; see profile_step), to be set beside the graph's rate:
 replayed, a step costs at least its kernels' time.
 
     python bench/gpu_check.py --no-checks --no-speed --profile uda.py    # strong_augment alone, then the profile
+    python bench/gpu_check.py --no-checks --no-speed --layers            # strong_augment alone, then the layers
 """
 
 import os
@@ -38,6 +42,7 @@ import os
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS: set before CUDA starts
 
 import contextlib
+import copy
 import json
 import shutil
 import subprocess
@@ -68,6 +73,13 @@ VARIANTS = {  # speed runs: name -> (flags, scripts it applies to; None: every s
     "graph": (["--cuda-graph"], None),
     "graph_aug": (["--cuda-graph", "--compile-augment"], STRONG),
     "graph_compiled": (["--cuda-graph", "--compile-augment", "--compile"], set(TARGETS)),
+}
+LAYER_TYPES = (torch.nn.Conv2d, torch.nn.BatchNorm2d)
+LAYER_VARIANTS = {  # --layers: name -> (memory format, autocast dtype; None: fp32). The scripts run the first.
+    "bf16 channels_last": (torch.channels_last, torch.bfloat16),
+    "bf16 NCHW": (torch.contiguous_format, torch.bfloat16),
+    "fp16 channels_last": (torch.channels_last, torch.float16),
+    "fp32 NCHW": (torch.contiguous_format, None),
 }
 PROFILE_STEPS = (10, 30)  # --profile: two runs; their difference is 20 steady steps (start, autotuning and eval cancel)
 
@@ -196,21 +208,26 @@ def augment_speed(repeats=20):
     return out
 
 
-def replayed_speed(fn, images, repeats, replays=10):
-    """Images/s of fn() replayed from a CUDA graph (captured after warm-up calls on a side stream), `replays`
-    replays per timed call; a failed capture gives its error instead."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+def replayed_seconds(fn, repeats, replays=10):
+    """Seconds per call of fn() replayed from a CUDA graph (captured after warm-up calls on a side stream; timed
+    in runs of `replays` replays): the device's time alone, without Python's and the launches'."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
             fn()
-        replay = lambda: [graph.replay() for _ in range(replays)]  # noqa: E731
-        return replays * images / _median_seconds(replay, repeats, torch.device("cuda"))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    replay = lambda: [graph.replay() for _ in range(replays)]  # noqa: E731
+    return _median_seconds(replay, repeats, torch.device("cuda")) / replays
+
+
+def replayed_speed(fn, images, repeats, replays=10):
+    """Images/s of fn() replayed from a CUDA graph (replayed_seconds); a failed capture gives its error instead."""
+    try:
+        return images / replayed_seconds(fn, repeats, replays)
     except Exception as e:  # reported; the other measurements still go
         return f"capture failed ({type(e).__name__})"
 
@@ -236,6 +253,63 @@ def augment_op_diffs(x, compiled):
             row[key] = [d.count_nonzero().item(), d.max().item()]
         rows.append(row)
     return rows
+
+
+def layer_speed(images=960, repeats=20, device="cuda", variants=LAYER_VARIANTS):
+    """WRN-28-2's convolutions and BatchNorms one at a time on `images` images (960: the one forward of a UDA or
+    FixMatch step), forward and backward as in a training step (the stem's input has no gradient), in each memory
+    format and dtype of `variants` (autocast dtype; None: fp32, TF32 allowed), cuDNN's autotuner on as in the
+    scripts: ms per call, replayed from a CUDA graph (the device's time; on a CPU, plain calls). A row per distinct
+    layer, with its calls per forward of the network and its GFLOP per call forward and backward (2 x MACs; x3 with
+    the input's gradient, x2 without). Whether another layout or dtype than the scripts' bf16 channels_last would
+    make the step's convolutions or BatchNorms cheaper on this GPU."""
+    device = torch.device(device)
+    model = common.WideResNet(10, depth=28, width=2).to(device)
+    layers = {}
+
+    def seen(module, inputs, output):
+        x = inputs[0]
+        if isinstance(module, torch.nn.Conv2d):
+            k, stride = module.kernel_size[0], module.stride[0]
+            key = f"conv {k}x{k}/{stride} {module.in_channels}->{module.out_channels} at {x.shape[-1]}px"
+            gflop = 2 * images * output[0].numel() * module.in_channels * k * k / 1e9 * (3 if x.requires_grad else 2)
+        else:
+            key, gflop = f"BatchNorm {module.num_features} at {x.shape[-1]}px", None
+        row = {"layer": key, "calls": 0, "gflop": gflop, "module": module, "shape": x.shape, "grad": x.requires_grad}
+        layers.setdefault(key, row)["calls"] += 1
+
+    hooks = [m.register_forward_hook(seen) for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    model(torch.zeros(1, 3, 32, 32, device=device))
+    for h in hooks:
+        h.remove()
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+    try:
+        rows = []
+        for row in layers.values():
+            module, shape, grad = row.pop("module"), (images, *row.pop("shape")[1:]), row.pop("grad")
+            row["ms"] = {}
+            for name, (memory_format, dtype) in variants.items():
+                m = copy.deepcopy(module).to(memory_format=memory_format)
+                x = torch.randn(shape, device=device, dtype=dtype or torch.float32).to(memory_format=memory_format)
+                x.requires_grad_(grad)
+                with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
+                    dy = torch.randn_like(m(x))
+
+                def step(m=m, x=x, dy=dy, dtype=dtype):
+                    with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
+                        y = m(x)
+                    y.backward(dy)
+
+                try:
+                    seconds = replayed_seconds(step, repeats) if device.type == "cuda" else None
+                    seconds = seconds or _median_seconds(step, repeats, device)
+                    row["ms"][name] = seconds * 1e3
+                except Exception as e:  # reported in its cell; the other variants still run
+                    row["ms"][name] = one_line(e, 60)
+            rows.append(row)
+        return rows
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def profile_step(script, data_dir, run_root, device="cuda", extra=()):
@@ -286,7 +360,7 @@ def gpu_lines():
     return name, [f"- driver {driver}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"]
 
 
-def report(args, checks, speed, aug, name, extra_lines, profiles=()):
+def report(args, checks, speed, aug, name, extra_lines, profiles=(), layers=None):
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     lines = [f"# GPU check of --cuda-graph and --compile-augment: {name}", "", *machine_lines(torch.device("cuda"))]
     lines += extra_lines
@@ -363,6 +437,36 @@ def report(args, checks, speed, aug, name, extra_lines, profiles=()):
                 f"| {r['op']} | {r['cpu'][0]} | {r['cpu'][1]} | {r['compiled'][0]} | {r['compiled'][1]} |"
                 for r in aug["per_op"]
             ]
+    if layers:
+        lines += ["", f"## WRN-28-2's layers one at a time ({layers['images']} images, forward and backward)", ""]
+    if layers and "error" in layers:
+        lines.append(f"FAILED: {layers['error']}")
+    elif layers:
+        names = list(layers["rows"][0]["ms"])
+        ms = lambda v: f"{v:.3f}" if isinstance(v, float) else v  # noqa: E731  (or its error)
+        total = lambda rows, k: sum(r["calls"] * r["ms"][k] for r in rows if isinstance(r["ms"][k], float))  # noqa: E731
+        lines += [
+            "ms per call of each layer, forward and backward (the stem without its input's gradient), replayed from "
+            "a CUDA graph, cuDNN's autotuner on; per forward of the network: its calls times that. The scripts run "
+            f"{names[0]}. TFLOP/s: of {names[0]}.",
+            "",
+            f"| layer | calls | GFLOP/call | {' | '.join(names)} | TFLOP/s |",
+            f"| --- | ---: | ---: | {' | '.join('---:' for _ in names)} | ---: |",
+        ]
+        for r in layers["rows"]:
+            first = r["ms"][names[0]]
+            rate = r["gflop"] / first if r["gflop"] and isinstance(first, float) and first else None
+            lines.append(
+                f"| {r['layer']} | {r['calls']} | {f(r['gflop'], '.1f')} | {' | '.join(ms(r['ms'][k]) for k in names)} "
+                f"| {f(rate, '.0f')} |"
+            )
+        for kind in ("conv", "BatchNorm"):
+            rows = [r for r in layers["rows"] if r["layer"].startswith(kind)]
+            flop = sum(r["calls"] * r["gflop"] for r in rows if r["gflop"])
+            lines.append(
+                f"| all {kind} layers, per forward of the network | {sum(r['calls'] for r in rows)} | "
+                f"{f(flop or None, '.1f')} | {' | '.join(f'{total(rows, k):.3f}' for k in names)} | |"
+            )
     for prof in profiles:
         flags = " ".join(prof["flags"])
         lines += [
@@ -405,6 +509,11 @@ def main():
     )
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs (no MFU)")
     p.add_argument(
+        "--layers",
+        action="store_true",
+        help="before the profiles: WRN-28-2's convolutions and BatchNorms alone (960 images), in each layout and dtype",
+    )
+    p.add_argument(
         "--profile",
         nargs="+",
         default=[],
@@ -421,14 +530,15 @@ def main():
         fail(f"--steps {args.steps} must be at least 2 x --log-every {args.log_every}: the first interval is warm-up")
     name, extra = gpu_lines()
     out = Path(args.out or ROOT / "bench" / "results" / f"gpu_check_{name.split()[-1] if ' ' in name else name}.md")
-    t0, checks, speed, aug, profiles = time.perf_counter(), [], {}, None, []
+    t0, checks, speed, aug, profiles, layers = time.perf_counter(), [], {}, None, [], None
     left = lambda: time.perf_counter() - t0 < args.budget  # noqa: E731
 
     def write():  # after every script: a run stopped by a time limit still leaves its table
         lines = [*extra, f"- wall time of this check: {time.perf_counter() - t0:.0f} s"]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report(args, checks, speed, aug, name, lines, profiles))
-        data = {"checks": checks, "speed": speed, "augment": aug, "profiles": profiles, "command": " ".join(sys.argv)}
+        out.write_text(report(args, checks, speed, aug, name, lines, profiles, layers))
+        data = {"checks": checks, "speed": speed, "augment": aug, "profiles": profiles, "layers": layers}
+        data["command"] = " ".join(sys.argv)
         out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
 
     def augment():
@@ -487,6 +597,14 @@ def main():
                     aug = augment()
         if aug is None and left() and not args.no_augment:  # --no-speed
             aug = augment()
+        if args.layers and left():
+            try:
+                layers = {"images": 960, "rows": layer_speed(960)}
+            except Exception as e:  # reported; the profiles still run
+                print(f"layers: {e}", file=sys.stderr, flush=True)
+                layers = {"images": 960, "error": one_line(e)}
+            print(f"layers ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            write()
         for script, flags in [(s, f) for s in args.profile for f in ((), ("--compile", "--compile-augment"))]:
             if not left():
                 break

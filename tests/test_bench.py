@@ -589,6 +589,43 @@ def test_gpu_check_profiles_a_step_and_compares_each_augment_op_on_the_cpu(tmp_p
     assert f"| rotate | 0 | 0 | {x.numel()} | 1 |" in text and f"| `{top}` | {calls:g} | 0.000 | - |" in text
 
 
+def test_gpu_check_times_wrn_28_2_layer_by_layer_on_the_cpu():
+    """bench/gpu_check.py --layers on the CPU (plain calls, no graph): a row per distinct convolution and BatchNorm of
+    WRN-28-2, whose calls add up to the network's 28 convolutions and 25 BatchNorms, and whose FLOPs add up to what
+    FlopCounterMode counts for the convolutions of a forward and backward of the whole network (no gradient for the
+    image); the report's totals are the calls times each variant's ms."""
+    from unittest import mock
+
+    import gpu_check
+    from torch.utils.flop_counter import FlopCounterMode
+
+    variants = {
+        "fp32 channels_last": (torch.channels_last, None),
+        "bf16 NCHW": (torch.contiguous_format, torch.bfloat16),
+    }
+    rows = gpu_check.layer_speed(images=2, repeats=1, device="cpu", variants=variants)
+    model = common.WideResNet(10, depth=28, width=2)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert (convs, norms) == (28, 25)
+    assert sum(r["calls"] for r in rows if r["layer"].startswith("conv")) == convs
+    assert sum(r["calls"] for r in rows if r["layer"].startswith("BatchNorm")) == norms
+    assert len({r["layer"] for r in rows}) == len(rows) == 14
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, 3, 32, 32)).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    flop = counts[torch.ops.aten.convolution] + counts[torch.ops.aten.convolution_backward]
+    assert sum(r["calls"] * r["gflop"] * 1e9 for r in rows if r["gflop"]) == pytest.approx(flop, rel=1e-9)
+    assert all(isinstance(v, float) and v > 0 for r in rows for v in r["ms"].values())
+    rows[0]["ms"]["bf16 NCHW"] = "RuntimeError: no kernel"  # a variant that failed: its cell says so
+    with mock.patch.object(gpu_check, "machine_lines", lambda device: ["- a CPU"]):
+        text = gpu_check.report(mock.Mock(), [], {}, None, "CPU", [], layers={"images": 2, "rows": rows})
+    conv = [r for r in rows if r["layer"].startswith("conv")]
+    total = sum(r["calls"] * r["ms"]["fp32 channels_last"] for r in conv)
+    assert f"| all conv layers, per forward of the network | 28 | {flop / 1e9:.1f} | {total:.3f} |" in text
+    assert "| RuntimeError: no kernel |" in text and "| conv 3x3/1 3->16 at 32px | 1 |" in text
+
+
 def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, monkeypatch):
     """bench/gpu_check.py's main() with the CUDA runs replaced by stand-ins that take 10 s of a fake clock each: the
     checks, then supervised, UDA and FlexMatch in every variant, then strong_augment alone, then the other scripts,
@@ -647,13 +684,16 @@ def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, mon
     assert "time goes: `uda.py --compile --compile-augment`" in text and "dst.py" not in text
     assert "| `aten::convolution` | 9 | 1.500 | 75.0% |" in text
     assert json.loads(out.with_suffix(".json").read_text())["speed"]["uda.py"]["graph"]["steps_per_s"] == 100.0
-    started.clear()  # no speed runs: strong_augment alone, then the profiles
+    started.clear()  # no speed runs: strong_augment alone, then the layers, then the profiles
+    layer = {"layer": "conv 3x3/1 32->32 at 32px", "calls": 7, "gflop": 2.0, "ms": {"bf16 channels_last": 0.5}}
+    monkeypatch.setattr(gpu_check, "layer_speed", lambda images: run("layers") and [layer])
     monkeypatch.setattr(
-        sys, "argv", ["gpu_check.py", "--no-checks", "--no-speed", "--profile", "dst.py", "--out", str(out)]
+        sys, "argv", ["gpu_check.py", "--no-checks", "--no-speed", "--layers", "--profile", "dst.py", "--out", str(out)]
     )
     with pytest.raises(SystemExit):
         gpu_check.main()
-    assert started == ["augment", ("profile", "dst.py"), ("profile", "dst.py", c, a)]
+    assert started == ["augment", "layers", ("profile", "dst.py"), ("profile", "dst.py", c, a)]
+    assert "| all conv layers, per forward of the network | 7 | 14.0 | 3.500 | |" in out.read_text()
     started.clear()  # a budget spent by strong_augment alone: the speed runs after it are skipped
     monkeypatch.setattr(
         sys, "argv", ["gpu_check.py", "--no-checks", "--scripts", "pi_model.py", "--budget", "5", "--out", str(out)]
