@@ -292,11 +292,12 @@ def layer_speed(images=960, repeats=20, device="cuda", variants=LAYER_VARIANTS):
                 m = copy.deepcopy(module).to(memory_format=memory_format)
                 x = torch.randn(shape, device=device, dtype=dtype or torch.float32).to(memory_format=memory_format)
                 x.requires_grad_(grad)
-                with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
+                autocast = torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()  # reusable
+                with autocast:
                     dy = torch.randn_like(m(x))
 
-                def step(m=m, x=x, dy=dy, dtype=dtype):
-                    with torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None):
+                def step(m=m, x=x, dy=dy, autocast=autocast):
+                    with autocast:
                         y = m(x)
                     y.backward(dy)
 
