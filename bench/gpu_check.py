@@ -43,6 +43,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuB
 
 import contextlib
 import copy
+import functools
 import json
 import shutil
 import subprocess
@@ -282,6 +283,10 @@ def layer_speed(images=960, repeats=20, device="cuda", variants=LAYER_VARIANTS):
     model(torch.zeros(1, 3, 32, 32, device=device))
     for h in hooks:
         h.remove()
+    if device.type == "cuda":
+        seconds = functools.partial(replayed_seconds, repeats=repeats)
+    else:
+        seconds = functools.partial(_median_seconds, repeats=repeats, device=device)
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
     try:
         rows = []
@@ -302,9 +307,7 @@ def layer_speed(images=960, repeats=20, device="cuda", variants=LAYER_VARIANTS):
                     y.backward(dy)
 
                 try:
-                    seconds = replayed_seconds(step, repeats) if device.type == "cuda" else None
-                    seconds = seconds or _median_seconds(step, repeats, device)
-                    row["ms"][name] = seconds * 1e3
+                    row["ms"][name] = 1e3 * seconds(step)
                 except Exception as e:  # reported in its cell; the other variants still run
                     row["ms"][name] = one_line(e, 60)
             rows.append(row)
@@ -599,11 +602,12 @@ def main():
         if aug is None and left() and not args.no_augment:  # --no-speed
             aug = augment()
         if args.layers and left():
+            layers = {"images": 960}
             try:
-                layers = {"images": 960, "rows": layer_speed(960)}
+                layers["rows"] = layer_speed(layers["images"])
             except Exception as e:  # reported; the profiles still run
                 print(f"layers: {e}", file=sys.stderr, flush=True)
-                layers = {"images": 960, "error": one_line(e)}
+                layers["error"] = one_line(e)
             print(f"layers ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             write()
         for script, flags in [(s, f) for s in args.profile for f in ((), ("--compile", "--compile-augment"))]:
