@@ -438,10 +438,12 @@ if __name__ == "__main__":
     try:
         data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device, args.svhn_extra)
     except (ValueError, FileNotFoundError) as e:
-        fail(e)
+        data = e  # said below, past the barrier: leave() skips a `finally`, and the other ranks would wait in vain
     finally:
         if world > 1 and rank == 0:  # DISTRIBUTED: on disk now (or not: each rank then fails with the same line)
             dist.barrier()
+    if isinstance(data, Exception):
+        fail(data)
     info = data.info
     sizes = [len(data.x_unlabeled), len(data.x_test), info.num_classes]  # the data a resume must find again
     if ckpt is not None and ckpt.get("data", sizes) != sizes:

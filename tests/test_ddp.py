@@ -52,6 +52,21 @@ def torchrun(script, *args, env=None):
     return proc
 
 
+def refused_by_every_rank(reason, *args):
+    """supervised.py under torchrun with bad input: each rank says `reason` in one line and exits 2, or is ended by
+    torchrun's SIGTERM once its peer has, silently (-15, or 130 from its handler: rank 0 alone says "interrupted");
+    none aborts (SIGABRT: a group torn down in interpreter teardown) and none prints a traceback from the script (a
+    rank left waiting in a collective by one that has gone)."""
+    proc = subprocess.run(
+        torchrun_cmd("supervised.py", *args), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300
+    )
+    said = [line for line in proc.stderr.splitlines() if line.startswith("supervised.py: error:")]
+    codes = [line.split(":")[1].split()[0] for line in proc.stderr.splitlines() if line.strip().startswith("exitcode")]
+    assert proc.returncode != 0 and 1 <= len(said) <= 2 and reason in said[0], proc.stderr[-3000:]
+    assert len(set(said)) == 1 and codes and set(codes) <= {"2", "-15", "130"} and "2" in codes, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr and 'File "' + str(ROOT / "supervised.py") not in proc.stderr
+
+
 # A driver that runs the script as torchrun would, and records two things under the prefix $WATCH:
 # whether rank 1 began loading the data after rank 0 had it (rank 0 takes a second longer than its load), and
 # the names of the threads the process still has while the script's globals are alive (as in a plain run,
@@ -363,20 +378,24 @@ def test_checkpoint_that_does_not_fit_under_torchrun_is_one_line_and_exit_2(data
     del ckpt["model"]["conv1.weight"]
     torch.save(ckpt, out / "checkpoint.pt")
     before = (out / "metrics.jsonl").read_text()
-    proc = subprocess.run(
-        torchrun_cmd("supervised.py", "--resume", out, "--total-steps", 10),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=ENV,
-        timeout=300,
-    )
-    said = [line for line in proc.stderr.splitlines() if line.startswith("supervised.py: error:")]
-    codes = [line.split(":")[1].split()[0] for line in proc.stderr.splitlines() if line.strip().startswith("exitcode")]
-    assert proc.returncode != 0 and 1 <= len(said) <= 2 and "does not fit this run" in said[0], proc.stderr[-3000:]
-    assert codes and set(codes) <= {"2", "-15"} and "2" in codes, proc.stderr[-3000:]
-    assert "terminate called" not in proc.stderr and 'File "' + str(ROOT / "supervised.py") not in proc.stderr
+    refused_by_every_rank("does not fit this run", "--resume", out, "--total-steps", 10)
     assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (["--num-labels", 7], "--num-labels 7 must be a positive multiple of the class count (10)"),
+        (["--dataset", "cifar10"], "cifar10 is not in"),
+    ],
+)
+def test_data_that_does_not_load_under_torchrun_is_one_line_and_exit_2(bad, reason, data_dir, tmp_path):
+    """Rank 0 loads the data first while the others wait at a barrier. When it cannot (a ValueError, or no such
+    dataset in --data-dir and no download), it still passes the barrier before it leaves: the others then find the
+    same fault and say the same line, not gloo's traceback of a barrier whose peer is gone (each bad input below
+    gave that traceback, from the script's barrier line, before this test came)."""
+    refused_by_every_rank(reason, *TINY, "--data-dir", data_dir, *bad, "--run-dir", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
 
 
 # A driver whose rank 0 finds the disk full halfway through its 4th metrics row (scriptrun.full_disk_open), and
