@@ -376,6 +376,23 @@ def save_checkpoint(obj, path):
         signal.raise_signal(s)
 
 
+def write_whole(files):
+    """Text files ({path: text}), all whole or none: each is written to a temp file, then all are renamed (a rename
+    takes no space). A full disk leaves every file as it was and ends the run with one line."""
+    tmps = {path: path.with_name(path.name + ".tmp") for path in files}
+    try:
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmps[path], "w") as f:
+                f.write(text)
+    except OSError as e:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        fail(f"cannot write {path} ({e.strerror}): no file was changed; free space and run again")
+    for path, tmp in tmps.items():
+        os.replace(tmp, path)
+
+
 def inference_model(ema_model, args, info, step):
     """model.pt: the evaluated weights and what rebuilds the plain WideResNet (README: Evaluate and load a model)."""
     arch = dict(num_classes=ema_model.fc.out_features, depth=args.depth, width=args.width, in_channels=info.channels)
@@ -501,12 +518,12 @@ if __name__ == "__main__":
         leave(0)
     metrics, writer = run_dir / "metrics.jsonl", None
     if rank == 0:  # DISTRIBUTED: rank 0 alone writes
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-        (run_dir / "labeled_indices.json").write_text(json.dumps(data.labeled_idx.tolist()))
-        lines = metrics.read_text().splitlines() if metrics.exists() else []  # rows logged after the checkpoint go,
-        metrics.write_text("".join(f"{r}\n" for r in lines if r.endswith("}") and json.loads(r)["step"] <= start_step))
-        if args.tensorboard:  # and so does a row a kill cut short (it does not end in "}")
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        # rows logged after the checkpoint go, and so does a row a kill cut short (it does not end in "}")
+        kept = "".join(f"{r}\n" for r in lines if r.endswith("}") and json.loads(r)["step"] <= start_step)
+        args_json, split_json = json.dumps(vars(args), indent=2), json.dumps(data.labeled_idx.tolist())
+        write_whole({run_dir / "args.json": args_json, split: split_json, metrics: kept})
+        if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(run_dir, purge_step=start_step + 1)

@@ -263,13 +263,13 @@ class HalfWritten:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def full_disk_open(n, name="metrics.jsonl"):
-    """An open() for builtins.open whose n-th opening of a file called `name` for appending gives a HalfWritten."""
+def full_disk_open(n, name="metrics.jsonl", how="a"):
+    """An open() for builtins.open whose n-th opening of a file called `name` in mode `how` gives a HalfWritten."""
     real_open, count = builtins.open, [0]
 
     def opener(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
-        if mode == "a" and not isinstance(file, int) and Path(file).name == name:
+        if mode == how and not isinstance(file, int) and Path(file).name == name:
             count[0] += 1
             return HalfWritten(f) if count[0] == n else f
         return f

@@ -283,18 +283,42 @@ def test_an_os_error_while_saving_is_one_line_too(data_dir, capsys, monkeypatch,
 
 def test_a_full_disk_at_a_metrics_row_is_one_line_and_loses_nothing(runs, data_dir, capsys, monkeypatch, tmp_path):
     """The 4th row of the 6-step run (step 6's eval row: after step 6's train row, before the step 6 checkpoint)
-    finds the disk full halfway through its write: one line, exit 2, the step 5 checkpoint kept. --resume drops
-    what was logged after that checkpoint (step 6's train row and the half row) and ends as the uninterrupted
-    run: the same tensors, bit for bit, and the same rows."""
+    finds the disk full halfway through its write: one line, exit 2, the step 5 checkpoint kept. A --resume on a
+    disk still full stops at its start files (it rewrites them all: args, split, the rows up to the checkpoint) with
+    one line, and leaves every file as it was. --resume with room drops what was logged after that checkpoint (step
+    6's train row and the half row) and ends as the uninterrupted run: the same tensors, bit for bit, and the same
+    rows."""
     run_dir = tmp_path / "run"
     monkeypatch.setattr(builtins, "open", full_disk_open(4))
     err = refused(capsys, "supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir)
     assert f"cannot write {run_dir / 'metrics.jsonl'} (No space left on device): free space and --resume" in err
+    before = files(run_dir)
+    monkeypatch.setattr(builtins, "open", full_disk_open(1, "metrics.jsonl.tmp", "w"))
+    err = refused(capsys, "supervised.py", "--resume", run_dir)
+    assert f"cannot write {run_dir / 'metrics.jsonl'} (No space left on device): no file was changed" in err
+    assert files(run_dir) == before
     monkeypatch.undo()  # the disk has room again
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines[:3]] == [4, 5, 6] and lines[3].startswith('{"step": 6, "eval')
     assert len(lines) == 4 and not lines[3].endswith("}") and checkpoint(run_dir)["step"] == 5
     run_inprocess("supervised.py", "--resume", run_dir)
+    assert same_run(runs / "supervised.py", run_dir)
+
+
+@pytest.mark.parametrize("name", ["args.json", "labeled_indices.json", "metrics.jsonl"])
+def test_a_full_disk_at_a_new_runs_start_leaves_no_run(name, runs, data_dir, capsys, monkeypatch, tmp_path):
+    """A new run's first files (args, labeled split, an empty metrics.jsonl) are written whole or not at all: the disk
+    full halfway through any of them is one line, exit 2, and a run dir without a file, so the same command runs
+    once there is room (a half-written args.json made it "already holds a run", and --resume refused it)."""
+    run_dir, tmp = tmp_path / "run", f"{name}.tmp"
+    monkeypatch.setattr(builtins, "open", full_disk_open(1, tmp, "w"))
+    err = refused(capsys, "supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir)
+    assert err.endswith(
+        f"cannot write {run_dir / name} (No space left on device): no file was changed; free space and run again"
+    )
+    assert list(run_dir.iterdir()) == []
+    monkeypatch.undo()
+    run_inprocess("supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir)
     assert same_run(runs / "supervised.py", run_dir)
 
 
