@@ -70,7 +70,8 @@ def checked(kind, ok, rule):
 
 
 positive = checked(int, lambda v: v > 0, "positive")
-nonnegative = checked(float, lambda v: 0 <= v < math.inf, ">= 0")
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the rates and weights become float32 tensors: a value must fit one
+nonnegative = checked(float, lambda v: 0 <= v <= FLOAT32_MAX, ">= 0 and at most 3.4e38 (float32)")
 unit = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 open_unit = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 wrn_depth = checked(int, lambda v: v >= 10 and v % 6 == 4 or v >= 13 and v % 8 == 5, "6n+4 (28) or 8n+5 (37)")
@@ -91,7 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=positive, default=5000, help="checkpoint every this many steps and at the end")
     p.add_argument("--batch-size", type=positive, default=64, help="labeled batch size B")
     p.add_argument("--mu", type=positive, default=7, help="unlabeled batch = mu * B (scripts without one ignore it)")
-    p.add_argument("--lr", type=checked(float, lambda v: 0 < v < math.inf, "positive"), default=0.03, help="peak lr")
+    lr = checked(float, lambda v: 0 < v <= FLOAT32_MAX, "positive and at most 3.4e38 (float32)")
+    p.add_argument("--lr", type=lr, default=0.03, help="peak lr")
     p.add_argument("--weight-decay", type=nonnegative, default=None, help="default 5e-4, 1e-3 on cifar100")
     p.add_argument("--momentum", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="nesterov")
     p.add_argument("--ema-decay", type=unit, default=0.999, help="decay of the evaluated EMA model")

@@ -8,6 +8,7 @@ import builtins
 import errno
 import json
 import pickle
+import re
 import runpy
 import shutil
 import signal
@@ -59,13 +60,56 @@ def copy(runs, script, tmp_path):
 
 
 BAD_VALUES = {
-    "--lr": (["-0.1", "0", "nan"], "argument --lr: must be positive"),
-    "--weight-decay": (["-1"], "argument --weight-decay: must be >= 0"),
+    "--lr": (["-0.1", "0", "nan", "1e39"], "argument --lr: must be positive and at most 3.4e38 (float32)"),
+    "--weight-decay": (["-1", "inf", "1e39"], "argument --weight-decay: must be >= 0 and at most 3.4e38 (float32)"),
     "--momentum": (["1", "-0.5"], "argument --momentum: must be in [0, 1)"),
     "--ema-decay": (["2", "-1"], "argument --ema-decay: must be in [0, 1]"),
     "--bn-momentum": (["5", "0"], "argument --bn-momentum: must be in (0, 1]"),
     "--device": (["cpux", "gpu"], "is not a device"),
 }
+
+
+# Each method flag's bad values: out of its range, not a number, or beyond float32 for the weights and rates that
+# become float32 tensors (a traceback from the first step before: "value cannot be converted to type float").
+METHOD_BAD_VALUES = {
+    "pseudo_label.py": {"--threshold": ["1.5", "nan"], "--unsup-weight": ["-1", "1e39"], "--ramp-up": ["2"]},
+    "pi_model.py": {"--unsup-weight": ["nan", "1e39"], "--ramp-up": ["-0.1"]},
+    "mean_teacher.py": {"--unsup-weight": ["inf", "1e39"], "--ramp-up": ["1.5"]},
+    "temporal_ensembling.py": {"--unsup-weight": ["-1", "1e39"], "--ramp-up": ["nan"], "--alpha": ["1", "-0.1"]},
+    "uda.py": {"--unsup-weight": ["-1", "nan", "1e39"], "--temperature": ["0", "inf"], "--threshold": ["1.5", "-1"]},
+    "fixmatch.py": {"--threshold": ["-0.1", "1.01"], "--unsup-weight": ["-1", "1e39"]},
+    "flexmatch.py": {"--threshold": ["2", "nan"], "--unsup-weight": ["-0.5", "1e39"]},
+    "dst.py": {
+        **{f: ["-1", "nan"] for f in ("--pseudo-weight", "--worst-weight", "--eta-prime", "--grl-hi", "--grl-lo")},
+        **{"--grl-alpha": ["-1", "1e39"], "--grl-warmup": ["inf"], "--threshold": ["2"], "--head-width": ["0"]},
+    },
+    "mpl.py": {
+        **{"--teacher-lr": ["-1", "1e39"], "--dropout": ["1"], "--label-smoothing": ["-0.1"], "--temperature": ["0"]},
+        **{"--threshold": ["1.5"], "--uda-weight": ["1e39"], "--uda-steps": ["-1"], "--warmup-steps": ["-1"]},
+        **{"--student-wait-steps": ["-5"], "--baseline-decay": ["1.01"], "--finetune-steps": ["-1"]},
+        **{"--finetune-batch-size": ["0"], "--finetune-lr": ["nan", "1e39"]},
+    },
+    "maxl.py": {
+        **{"--psi": ["0"], "--aux-weight": ["-1"], "--entropy-weight": ["nan"], "--focal-gamma": ["-2"]},
+        **{"--gen-lr": ["1e39"], "--gen-weight-decay": ["1e39"]},
+    },
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS[1:])
+def test_bad_method_flags_are_one_line_and_exit_2(script, capsys):
+    """Every flag a method script adds to supervised.py's (the list is checked against the script's source) refuses
+    its bad values with one line naming the flag, before anything runs."""
+    added = re.compile(r'add_argument\("(--[a-z-]+)",[^\n]*type=')
+    assert set(METHOD_BAD_VALUES[script]) == set(added.findall((ROOT / script).read_text())) - set(
+        added.findall((ROOT / "supervised.py").read_text())
+    )
+    for flag, values in METHOD_BAD_VALUES[script].items():
+        for value in values:
+            with pytest.raises(SystemExit) as e:
+                parse(script, [*TINY, flag, value])
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and err.count("\n") == 0 and f"argument {flag}: must be" in err, (flag, value)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
