@@ -280,17 +280,20 @@ def save_checkpoint(obj, path):
 
 def write_whole(files):
     """Text files ({path: text}), all whole or none: each is written to a temp file, then all are renamed (a rename
-    takes no space). A full disk leaves every file as it was and ends the run with one line."""
+    takes no space). A full disk (one line) leaves every file as it was and no temp file; so does a Ctrl-C, but under
+    torchrun, where leave() ends the process at once."""
     tmps = {path: path.with_name(path.name + ".tmp") for path in files}
     try:
         for path, text in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmps[path], "w") as f:
                 f.write(text)
-    except OSError as e:
+    except BaseException as e:
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
-        fail(f"cannot write {path} ({e.strerror}): no file was changed; free space and run again")
+        if isinstance(e, OSError):
+            fail(f"cannot write {path} ({e.strerror}): no file was changed; free space and run again")
+        raise
     for path, tmp in tmps.items():
         os.replace(tmp, path)
 

@@ -246,10 +246,11 @@ def run_frozen_replay(script, *args):
 
 
 class HalfWritten:
-    """A file that a full disk cuts short: its write puts down the first half of the text, then raises ENOSPC."""
+    """A file that a full disk cuts short: its write puts down the first half of the text, then raises ENOSPC (or,
+    with ctrl_c, a Ctrl-C arrives there: SIGINT, which the script's handler takes)."""
 
-    def __init__(self, f):
-        self.f = f
+    def __init__(self, f, ctrl_c=False):
+        self.f, self.ctrl_c = f, ctrl_c
 
     def __enter__(self):
         return self
@@ -260,10 +261,12 @@ class HalfWritten:
     def write(self, text):
         self.f.write(text[: len(text) // 2])
         self.f.flush()
+        if self.ctrl_c:
+            signal.raise_signal(signal.SIGINT)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def full_disk_open(n, name="metrics.jsonl", how="a"):
+def full_disk_open(n, name="metrics.jsonl", how="a", ctrl_c=False):
     """An open() for builtins.open whose n-th opening of a file called `name` in mode `how` gives a HalfWritten."""
     real_open, count = builtins.open, [0]
 
@@ -271,7 +274,7 @@ def full_disk_open(n, name="metrics.jsonl", how="a"):
         f = real_open(file, mode, *args, **kwargs)
         if mode == how and not isinstance(file, int) and Path(file).name == name:
             count[0] += 1
-            return HalfWritten(f) if count[0] == n else f
+            return HalfWritten(f, ctrl_c) if count[0] == n else f
         return f
 
     return opener

@@ -349,17 +349,24 @@ def test_a_full_disk_at_a_metrics_row_is_one_line_and_loses_nothing(runs, data_d
     assert same_run(runs / "supervised.py", run_dir)
 
 
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["full_disk", "ctrl_c"])
 @pytest.mark.parametrize("name", ["args.json", "labeled_indices.json", "metrics.jsonl"])
-def test_a_full_disk_at_a_new_runs_start_leaves_no_run(name, runs, data_dir, capsys, monkeypatch, tmp_path):
+def test_a_full_disk_at_a_new_runs_start_leaves_no_run(name, ctrl_c, runs, data_dir, capsys, monkeypatch, tmp_path):
     """A new run's first files (args, labeled split, an empty metrics.jsonl) are written whole or not at all: the disk
     full halfway through any of them is one line, exit 2, and a run dir without a file, so the same command runs
-    once there is room (a half-written args.json made it "already holds a run", and --resume refused it)."""
+    once there is room (a half-written args.json made it "already holds a run", and --resume refused it). A Ctrl-C
+    there is its one line, exit 130, and leaves no file either."""
     run_dir, tmp = tmp_path / "run", f"{name}.tmp"
-    monkeypatch.setattr(builtins, "open", full_disk_open(1, tmp, "w"))
-    err = refused(capsys, "supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir)
-    assert err.endswith(
-        f"cannot write {run_dir / name} (No space left on device): no file was changed; free space and run again"
+    monkeypatch.setattr(builtins, "open", full_disk_open(1, tmp, "w", ctrl_c))
+    err = refused(
+        capsys, "supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir, code=130 if ctrl_c else 2
     )
+    end = (
+        "interrupted at step 0; no checkpoint yet, nothing to resume"
+        if ctrl_c
+        else "no file was changed; free space and run again"
+    )
+    assert err.endswith(end if ctrl_c else f"cannot write {run_dir / name} (No space left on device): {end}")
     assert list(run_dir.iterdir()) == []
     monkeypatch.undo()
     run_inprocess("supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir)
