@@ -361,12 +361,8 @@ def test_a_full_disk_at_a_new_runs_start_leaves_no_run(name, ctrl_c, runs, data_
     err = refused(
         capsys, "supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir, code=130 if ctrl_c else 2
     )
-    end = (
-        "interrupted at step 0; no checkpoint yet, nothing to resume"
-        if ctrl_c
-        else "no file was changed; free space and run again"
-    )
-    assert err.endswith(end if ctrl_c else f"cannot write {run_dir / name} (No space left on device): {end}")
+    full = f"cannot write {run_dir / name} (No space left on device): no file was changed; free space and run again"
+    assert err.endswith("interrupted at step 0; no checkpoint yet, nothing to resume" if ctrl_c else full)
     assert list(run_dir.iterdir()) == []
     monkeypatch.undo()
     run_inprocess("supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir)
