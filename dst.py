@@ -329,6 +329,24 @@ def check_run_dir(run_dir, resume):
         fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
 
 
+def hold_run_dir(run_dir, resume):
+    """Rank 0 holds the run dir from its first write to its end (an flock, which the system drops at any exit, kill -9
+    too), so that a second process on it (a resume while the run still goes on, say) is refused before it writes.
+    Returns why it cannot hold it, or "". Where there is no flock (Windows, some network file systems), none is held."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+
+        fcntl.flock(os.open(run_dir, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the process ends
+    except BlockingIOError:
+        return f"--run-dir {run_dir}: another process is running it now: let it end (or stop it), then --resume"
+    except (ImportError, OSError):
+        pass
+    if not resume and any(run_dir.iterdir()):  # empty at check_run_dir: a run began there since (and has ended)
+        return f"--run-dir {run_dir}: another run began there while this one started: pick another"
+    return ""
+
+
 def load_checkpoint(run_dir, args, world, device):
     """The checkpoint to resume from, or one line saying why there is none (exit 2; 0 for a finished run)."""
     path = run_dir / "checkpoint.pt"
@@ -522,6 +540,11 @@ if __name__ == "__main__":
         print(f"{METHOD} | {run_dir} | step {start_step} | {text}")
         leave(0)
     metrics, writer = run_dir / "metrics.jsonl", None
+    refused = [hold_run_dir(run_dir, args.resume) if rank == 0 else ""]
+    if world > 1:  # DISTRIBUTED: rank 0 alone holds the run dir; when it cannot, every rank says so (none left waiting)
+        dist.broadcast_object_list(refused)
+    if refused[0]:
+        fail(refused[0])
     if rank == 0:  # DISTRIBUTED: rank 0 alone writes
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         # rows logged after the checkpoint go, and so does a row a kill cut short (it does not end in "}")

@@ -2,8 +2,13 @@
 use), and the command-line pieces every tool repeats (one-line errors, positive values, --scripts checks)."""
 
 import argparse
+import contextlib
+import fcntl
+import os
+import signal
 import sys
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = [
@@ -62,3 +67,25 @@ def flat(state, prefix=""):
     if isinstance(state, (list, tuple)):
         return {k: v for i, sub in enumerate(state) for k, v in flat(sub, f"{prefix}{i}.").items()}
     return {prefix[:-1]: state}
+
+
+@contextlib.contextmanager
+def as_its_own_process():
+    """A script run in this process (runpy) leaves behind what its own process's end would take away: the signal
+    handlers it installs (Ctrl-C, SIGTERM) are put back, and the run dir it holds (an flock, dropped at a process's
+    end) is let go, so that a later run in this process, or another process, can take it."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    held, flock = [], fcntl.flock
+
+    def hold(fd, operation):
+        flock(fd, operation)
+        held.append(fd)
+
+    try:
+        with mock.patch.object(fcntl, "flock", hold):
+            yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

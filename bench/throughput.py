@@ -55,7 +55,7 @@ import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
-from scripts import ROOT, SCRIPTS, check_scripts, fail, parser, positive
+from scripts import ROOT, SCRIPTS, as_its_own_process, check_scripts, fail, parser, positive
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(ROOT))
@@ -154,6 +154,7 @@ def run_script(script, args, quiet=True):
             fake_integrity(),
             contextlib.redirect_stdout(out),
             contextlib.redirect_stderr(err),
+            as_its_own_process(),
         ):
             runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as e:

@@ -18,7 +18,10 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from scripts import flat  # noqa: F401  (the tests import it from here)
+from scripts import (
+    as_its_own_process,
+    flat,  # noqa: F401  (the tests import it from here)
+)
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -68,21 +71,17 @@ def run_killed(script, *args):
 def run_inprocess(script, *args, exit_ok=False):
     """The script as __main__ in this process; returns its globals (model, ema_model, ...). With exit_ok, a script
     that stops with exit code 0 (--eval-only, a finished run) returns its globals too. The signal handlers the
-    script installs (Ctrl-C, SIGTERM) are put back afterwards."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    script installs (Ctrl-C, SIGTERM) are put back afterwards, and the run dir it holds is let go."""
     path = ROOT / script
     scope = {"__name__": "__main__", "__file__": str(path)}
     try:
-        with mock.patch.object(sys, "argv", [script, *map(str, args)]):
+        with mock.patch.object(sys, "argv", [script, *map(str, args)]), as_its_own_process():
             if not exit_ok:
                 return runpy.run_path(str(path), run_name="__main__")
             exec(compile(path.read_text(), str(path), "exec"), scope)  # runpy would drop the globals on SystemExit
     except SystemExit as e:
         if not exit_ok or e.code not in (0, None):
             raise
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
     return scope
 
 
@@ -234,14 +233,9 @@ def run_frozen_replay(script, *args):
         source = source.replace(old, new)
     captured = {}
     scope = {"__name__": "__main__", "__file__": str(path), "cuda_graph": lambda fn: frozen_replay(fn, captured)}
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with mock.patch.object(sys, "argv", [script, *map(str, args)]):
-            with mock.patch.object(common, "_colour_op", common._colour_op_no_sync):
-                exec(compile(source, str(path), "exec"), scope)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+    with mock.patch.object(sys, "argv", [script, *map(str, args)]), as_its_own_process():
+        with mock.patch.object(common, "_colour_op", common._colour_op_no_sync):
+            exec(compile(source, str(path), "exec"), scope)
     return {**scope, "captured": captured}
 
 

@@ -8,12 +8,14 @@
 - a 2-process run killed at its first checkpoint and resumed under torchrun ends as the
   uninterrupted 2-process run, bit for bit;
 - a resume whose checkpoint does not load (checked after the DDP wrap) is one line and exit 2 on each rank;
+- so is a run dir that another process holds (rank 0 alone holds it);
 - a full disk on rank 0 in mid-run is its one line and exit 2, and torchrun --resume then loses nothing;
 - Ctrl-C under torchrun is one line from rank 0 with the torchrun command that resumes, and that command does.
 
 The tests that need to steer the data or read a rank's state afterwards launch a small driver (written
 here) that patches `common` and runs the script with runpy, as torchrun would run it."""
 
+import fcntl
 import json
 import os
 import re
@@ -380,6 +382,21 @@ def test_checkpoint_that_does_not_fit_under_torchrun_is_one_line_and_exit_2(data
     before = (out / "metrics.jsonl").read_text()
     refused_by_every_rank("does not fit this run", "--resume", out, "--total-steps", 10)
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_a_run_dir_held_by_another_process_under_torchrun_is_one_line_and_exit_2(data_dir, tmp_path):
+    """Rank 0 alone holds the run dir (it alone writes there). When another process holds it, rank 0 tells the other
+    ranks before any training collective and every rank says the one line; the run is left as it was. (Rank 0 alone
+    saying it left rank 1 in its first all-reduce: gloo's traceback, in 3 of 3 such resumes.)"""
+    out = tmp_path / "r"
+    torchrun("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 5, "--run-dir", out)
+    before = (out / "metrics.jsonl").read_text()
+    fcntl.flock(held := os.open(out, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        refused_by_every_rank(f"{out}: another process is running it now", "--resume", out, "--total-steps", 10)
+    finally:
+        os.close(held)
+    assert (out / "metrics.jsonl").read_text() == before and checkpoint(out)["step"] == 5
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ Argument checks run in-process on every script; run-level cases on supervised.py
 import builtins
 import errno
 import json
+import os
 import pickle
 import re
 import runpy
@@ -15,13 +16,16 @@ import signal
 import subprocess
 import sys
 import time
+from fcntl import LOCK_EX, LOCK_NB, flock
 from pathlib import Path
 
 import pytest
 import torch
 from fakedata import make_fake_dataset
-from scriptrun import OFFLINE, ROOT, TINY, checkpoint, full_disk_open, refused, run_inprocess, same_run
+from scriptrun import OFFLINE, ROOT, TINY, checkpoint, full_disk_open, refused, run, run_inprocess, same_run
 from scripts import SCRIPTS
+
+import common
 
 SMALL = [*TINY, "--total-steps", 6, "--mu", 1]  # checkpoints at steps 5 and 6
 
@@ -461,3 +465,76 @@ def test_ctrl_c_says_how_to_resume(signum, data_dir, tmp_path):
     assert proc.returncode == 130 and len(err.splitlines()) == 1, err
     assert f"continue with: python supervised.py --resume {run_dir}" in err
     assert checkpoint(run_dir)["step"] >= 2 and not list(run_dir.glob("*.tmp"))
+
+
+HELD = "another process is running it now: let it end (or stop it), then --resume"  # a run dir held by a run
+
+
+def stopped(proc):
+    """SIGSTOP, and wait until the process is stopped: its files then hold still."""
+    proc.send_signal(signal.SIGSTOP)
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.001)
+
+
+def test_a_second_process_on_a_running_run_is_refused_and_writes_nothing(data_dir, tmp_path):
+    """A run holds its dir while it runs: a --resume of it meanwhile (a job requeued while the first still runs, say)
+    is one line, exit 2, and writes nothing; --eval-only, which writes nothing, still runs. Once the first is gone,
+    even by kill -9, the dir is free again and the resume continues the run. Before the hold the second process
+    resumed from the checkpoint, cut metrics.jsonl back to it and saved over the first's checkpoint."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, ROOT / "supervised.py", *TINY, "--data-dir", data_dir, "--run-dir", run_dir]
+    first = subprocess.Popen(
+        list(map(str, [*cmd, "--total-steps", 100000, "--save-every", 2])),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=OFFLINE,
+    )
+    try:
+        while not (run_dir / "checkpoint.pt").exists() and first.poll() is None:
+            time.sleep(0.01)
+        stopped(first)
+        before, step = files(run_dir), checkpoint(run_dir)["step"]
+        second = run("supervised.py", "--resume", run_dir, "--total-steps", step + 2, check=False)
+        said = f"supervised.py: error: --run-dir {run_dir}: {HELD}\n"
+        assert second.returncode == 2 and second.stderr == said, second.stderr
+        assert f"| step {step} | eval acc" in run("supervised.py", "--resume", run_dir, "--eval-only").stdout
+        assert files(run_dir) == before
+    finally:
+        first.kill()
+        first.wait()
+    run_inprocess("supervised.py", "--resume", run_dir, "--total-steps", step + 2)
+    assert checkpoint(run_dir)["step"] == step + 2
+
+
+@pytest.mark.parametrize("other", ["running", "finished"])
+def test_two_new_runs_on_one_run_dir_at_once(other, runs, data_dir, capsys, monkeypatch, tmp_path):
+    """Two new runs on one --run-dir, started together: both find it empty before their data loads. While this one
+    loads, the other takes the dir (as a process would: an flock on it) and is still running, or has since run to its
+    end. Either way this one stops at its first write, in one line, and the other's files stay as they were (without
+    the check that follows the hold, it wrote its start files over the finished run's)."""
+    run_dir, load = tmp_path / "run", common.load_ssl_data
+
+    def other_run_meanwhile(*args, **kwargs):
+        if other == "running":
+            run_dir.mkdir()
+            flock(fd := os.open(run_dir, os.O_RDONLY), LOCK_EX | LOCK_NB)
+            fds.append(fd)
+        else:
+            shutil.copytree(runs / "supervised.py", run_dir)
+        return load(*args, **kwargs)
+
+    fds = []
+    monkeypatch.setattr(common, "load_ssl_data", other_run_meanwhile)
+    try:
+        err = refused(capsys, "supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if other == "running":
+        assert err.endswith(f"--run-dir {run_dir}: {HELD}")
+        assert list(run_dir.iterdir()) == []
+    else:
+        assert err.endswith(f"--run-dir {run_dir}: another run began there while this one started: pick another")
+        assert files(run_dir) == files(runs / "supervised.py")
