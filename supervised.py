@@ -120,10 +120,23 @@ def parse_args(argv=None):
             fail(f"--resume {args.resume}: no args.json there, so it is not a run dir")
         except ValueError:
             fail(f"--resume {args.resume}: its args.json is not valid JSON")
+        if not isinstance(saved, dict):
+            fail(f"--resume {args.resume}: its args.json is not a JSON object of arguments")
         if saved.get("script", METHOD) != METHOD:
             fail(f"--resume {run_dir}: that run was made by {saved['script']}.py, not {METHOD}.py: resume it with that")
+        # the values that come from args.json meet a typed flag's checks (a file edited by hand, or by an older script):
+        # the flags given now passed them above, so what fails from here on is the file's
+        declared = {a.dest: a.default for a in p._actions}
+        p.error = lambda message: fail(f"--resume {run_dir}: its args.json: {message}")
         p.set_defaults(**saved)
         args = p.parse_args(argv)
+        for a in (a for a in p._actions if a.option_strings and a.dest in saved):
+            value = getattr(args, a.dest)
+            if a.nargs == 0 and not isinstance(value, bool):  # a switch (--compile, --svhn-extra)
+                p.error(f"argument {a.option_strings[0]}: {json.dumps(value)} is not true or false")
+            elif a.nargs != 0 and (value is not None or declared[a.dest] is not None):
+                p.parse_args([f"{a.option_strings[0]}={value}"])
+        p.error = fail
         args.run_dir = args.resume = str(run_dir)
     args.script = METHOD
     if args.weight_decay is None:

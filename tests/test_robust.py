@@ -170,6 +170,45 @@ def test_resume_refuses_another_script_dataset_split_or_network(script, capsys, 
     assert "args.json is not valid JSON" in capsys.readouterr().err
 
 
+# A resumed run's arguments come from its args.json: each value there meets the check of the flag it stands for
+# (a file edited by hand, or written by an older script: UDA's --threshold -1, before it had to be in [0, 1]).
+# Before, a value there was taken as it stood: --lr -1 trained, --amp fp8 ran as fp16, a null seed gave a traceback.
+BAD_SAVED = {
+    "a list": ([], "its args.json is not a JSON object of arguments"),
+    "negative lr": ({"lr": -1e-05}, "its args.json: argument --lr: must be positive and at most 3.4e38 (float32)"),
+    "a fraction": ({"total_steps": 2.5}, "its args.json: argument --total-steps: invalid int value: '2.5'"),
+    "no seed": ({"seed": None}, "its args.json: argument --seed: invalid int value: 'None'"),
+    "not a choice": ({"amp": "fp8"}, "its args.json: argument --amp: invalid choice: 'fp8'"),
+    "not a number": ({"lr": "fast"}, "its args.json: argument --lr: invalid float value: 'fast'"),
+    "not a switch": ({"compile": "yes"}, 'its args.json: argument --compile: "yes" is not true or false'),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_resumed_runs_saved_arguments_meet_the_flags_checks(script, capsys, tmp_path):
+    args_json = tmp_path / "args.json"
+    for dataset in ("fashion_mnist", "cifar100", "stl10"):  # the values a script resolves pass (datasets' defaults)
+        saved = vars(parse(script, ["--dataset", dataset, "--run-dir", tmp_path]))
+        args_json.write_text(json.dumps(saved))
+        assert vars(parse(script, ["--resume", tmp_path])) == {**saved, "resume": str(tmp_path)}
+    saved = {**saved, "script": script[:-3]}
+    flag, [text, *_] = next(iter(METHOD_BAD_VALUES.get(script, {"--lr": ["0"]}).items()))  # out of its range
+    bad = {flag[2:].replace("-", "_"): int(text) if text.lstrip("-").isdigit() else float(text)}
+    cases = {**BAD_SAVED, "a method flag": (bad, f"its args.json: argument {flag}: must be ")}
+    for case, (change, message) in cases.items():
+        args_json.write_text(json.dumps({**saved, **change} if isinstance(change, dict) else change))
+        with pytest.raises(SystemExit):
+            parse(script, ["--resume", tmp_path])
+        err = capsys.readouterr().err
+        assert f"error: --resume {tmp_path}: {message}" in err and len(err.splitlines()) == 1, case
+    args_json.write_text(json.dumps({**saved, "lr": -1}))  # a flag given now replaces the file's value
+    assert parse(script, ["--resume", tmp_path, "--lr", 0.05]).lr == 0.05
+    unset = ["weight_decay", "amp"]  # flags whose default, None, the script resolves: a null is theirs to resolve
+    args_json.write_text(json.dumps({**saved, **dict.fromkeys(unset)}))
+    resolved = vars(parse(script, ["--resume", tmp_path]))
+    assert [resolved[k] for k in unset] == [saved[k] for k in unset]
+
+
 def malicious(path):
     class Boom:
         def __reduce__(self):
