@@ -91,6 +91,7 @@ nonnegative = checked(float, lambda v: 0 <= v <= FLOAT32_MAX, ">= 0 and at most 
 unit = checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 open_unit = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 wrn_depth = checked(int, lambda v: v >= 10 and v % 6 == 4 or v >= 13 and v % 8 == 5, "6n+4 (28) or 8n+5 (37)")
+int64 = checked(int, lambda v: -(2**63) <= v < 2**63, "in [-2^63, 2^63)")  # torch.manual_seed takes it, and seed + rank
 
 
 def parse_args(argv=None):
@@ -101,7 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
     p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True, help="svhn: train + extra")
     p.add_argument("--num-labels", type=positive, default=4000, help="labeled examples, class-balanced")
-    p.add_argument("--seed", type=int, default=0, help="seeds everything; the labeled split follows from it")
+    p.add_argument("--seed", type=int64, default=0, help="seeds everything; the labeled split follows from it")
     p.add_argument("--total-steps", type=positive, default=2**20, help="optimizer steps K")
     p.add_argument("--eval-every", type=positive, default=5000, help="evaluate every this many steps")
     p.add_argument("--log-every", type=positive, default=100, help="log a row every this many steps (and at a save)")
@@ -168,9 +169,11 @@ def parse_args(argv=None):
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{stamp}"
     try:
-        torch.device(args.device)
+        kind = torch.device(args.device).type
     except RuntimeError:
-        fail(f"--device {args.device} is not a device: use cpu, cuda or cuda:N")
+        kind = None
+    if kind not in ("cpu", "cuda"):  # torch has more (meta, mps, ...): the scripts are written and tested for these
+        fail(f"--device {args.device} is not a device these scripts run on: use cpu, cuda or cuda:N")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda, but CUDA is not available here: use --device cpu")
     if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: SyncBatchNorm has no CPU kernel

@@ -69,7 +69,8 @@ BAD_VALUES = {
     "--momentum": (["1", "-0.5"], "argument --momentum: must be in [0, 1)"),
     "--ema-decay": (["2", "-1"], "argument --ema-decay: must be in [0, 1]"),
     "--bn-momentum": (["5", "0"], "argument --bn-momentum: must be in (0, 1]"),
-    "--device": (["cpux", "gpu"], "is not a device"),
+    "--device": (["cpux", "gpu", "meta"], "is not a device these scripts run on: use cpu, cuda or cuda:N"),
+    "--seed": (["9223372036854775808", "-9223372036854775809"], "argument --seed: must be in [-2^63, 2^63)"),
 }
 
 
