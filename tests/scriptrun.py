@@ -2,6 +2,7 @@
 the trained objects afterwards), on a tiny network and fake Fashion-MNIST (no md5 to patch)."""
 
 import builtins
+import contextlib
 import errno
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import time
 import traceback
 import types
+from fcntl import LOCK_EX, LOCK_NB, flock  # unpatched: held()'s lock is not one that as_its_own_process lets go
 from pathlib import Path
 from unittest import mock
 
@@ -66,6 +68,17 @@ def run_killed(script, *args):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return checkpoint(run_dir)["step"]
+
+
+@contextlib.contextmanager
+def held(run_dir):
+    """The run dir held as a running run holds it (an flock on the dir), here by this process until the block ends."""
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        flock(fd, LOCK_EX | LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
 
 
 def run_inprocess(script, *args, exit_ok=False):

@@ -15,7 +15,6 @@
 The tests that need to steer the data or read a rank's state afterwards launch a small driver (written
 here) that patches `common` and runs the script with runpy, as torchrun would run it."""
 
-import fcntl
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scriptrun import OFFLINE, ROOT, TINY, checkpoint, flat, rows, run, same, same_run
+from scriptrun import OFFLINE, ROOT, TINY, checkpoint, flat, held, rows, run, same, same_run
 from scripts import SCRIPTS
 
 ENV = {**OFFLINE, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # 2 processes, 2 cores; a crash prints its stack
@@ -391,11 +390,8 @@ def test_a_run_dir_held_by_another_process_under_torchrun_is_one_line_and_exit_2
     out = tmp_path / "r"
     torchrun("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 5, "--run-dir", out)
     before = (out / "metrics.jsonl").read_text()
-    fcntl.flock(held := os.open(out, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
+    with held(out):
         refused_by_every_rank(f"{out}: another process is running it now", "--resume", out, "--total-steps", 10)
-    finally:
-        os.close(held)
     assert (out / "metrics.jsonl").read_text() == before and checkpoint(out)["step"] == 5
 
 

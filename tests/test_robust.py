@@ -1,13 +1,14 @@
-"""Nothing a user does loses or mixes a run: bad values refused before anything runs, resume guards (damaged,
-missing, foreign or finished checkpoints, another script, dataset, data or network), divergence, unwritable run
-dirs, a full disk and Ctrl-C, each ending in one line on stderr with the previous state intact.
+"""Nothing a user does loses or mixes a run: bad values refused before anything runs (typed, or in a resumed run's
+args.json), resume guards (damaged, missing, foreign or finished checkpoints, another script, dataset, data or
+network), divergence, unwritable run dirs, a full disk, Ctrl-C and a second process on a run, each ending in one
+line on stderr with the previous state intact.
 
 Argument checks run in-process on every script; run-level cases on supervised.py and on mpl.py (two networks)."""
 
 import builtins
+import contextlib
 import errno
 import json
-import os
 import pickle
 import re
 import runpy
@@ -16,13 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from fcntl import LOCK_EX, LOCK_NB, flock
 from pathlib import Path
 
 import pytest
 import torch
 from fakedata import make_fake_dataset
-from scriptrun import OFFLINE, ROOT, TINY, checkpoint, full_disk_open, refused, run, run_inprocess, same_run
+from scriptrun import OFFLINE, ROOT, TINY, checkpoint, full_disk_open, held, refused, run, run_inprocess, same_run
 from scripts import SCRIPTS
 
 import common
@@ -554,24 +554,19 @@ def test_two_new_runs_on_one_run_dir_at_once(other, runs, data_dir, capsys, monk
     loads, the other takes the dir (as a process would: an flock on it) and is still running, or has since run to its
     end. Either way this one stops at its first write, in one line, and the other's files stay as they were (without
     the check that follows the hold, it wrote its start files over the finished run's)."""
-    run_dir, load = tmp_path / "run", common.load_ssl_data
+    run_dir, load, other_run = tmp_path / "run", common.load_ssl_data, contextlib.ExitStack()
 
     def other_run_meanwhile(*args, **kwargs):
         if other == "running":
             run_dir.mkdir()
-            flock(fd := os.open(run_dir, os.O_RDONLY), LOCK_EX | LOCK_NB)
-            fds.append(fd)
+            other_run.enter_context(held(run_dir))
         else:
             shutil.copytree(runs / "supervised.py", run_dir)
         return load(*args, **kwargs)
 
-    fds = []
     monkeypatch.setattr(common, "load_ssl_data", other_run_meanwhile)
-    try:
+    with other_run:
         err = refused(capsys, "supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir)
-    finally:
-        for fd in fds:
-            os.close(fd)
     if other == "running":
         assert err.endswith(f"--run-dir {run_dir}: {HELD}")
         assert list(run_dir.iterdir()) == []
