@@ -134,19 +134,57 @@ def _torchvision_splits(name, root, download, svhn_extra=True):
 
 
 def _unpack_debian_fashion_mnist(root):
-    """Gunzip Debian's Fashion-MNIST files into the folder torchvision's loader reads. (Debian
-    re-compressed them, so torchvision's md5 of the .gz archives would not match.) Each file is
-    written under a temporary name and renamed whole: processes unpacking at once (torchrun's
-    ranks on a fresh data dir) never read another's half-written file."""
+    """Gunzip Debian's Fashion-MNIST files that root lacks into the folder torchvision's loader reads.
+    (Debian re-compressed them, so torchvision's md5 of the .gz archives would not match.) A file
+    already there is never overwritten. Each file is written under a temporary name and renamed
+    whole: processes unpacking at once (torchrun's ranks on a fresh data dir) never read another's
+    half-written file; it gets the permissions a plain new file would (the temporary one has 0600)."""
     raw = os.path.join(root, "FashionMNIST", "raw")
     os.makedirs(raw, exist_ok=True)
+    umask = os.umask(0o022)
+    os.umask(umask)
     for fname, _ in torchvision.datasets.FashionMNIST.resources:
+        if os.path.exists(os.path.join(raw, fname[:-3])):
+            continue
         with (
             gzip.open(os.path.join(DEBIAN_FASHION_MNIST, fname)) as src,
             tempfile.NamedTemporaryFile(dir=raw, suffix=".part", delete=False) as dst,
         ):
             shutil.copyfileobj(src, dst)
+        os.chmod(dst.name, 0o666 & ~umask)
         os.replace(dst.name, os.path.join(raw, fname[:-3]))
+
+
+def _damaged(name, data_dir, problem):
+    """The one-line error for dataset files that are there but cannot be read as what torchvision wrote
+    (problem: a sentence, or the exception the reader raised)."""
+    if isinstance(problem, Exception):  # its type, and its message on one line where it has one
+        problem = type(problem).__name__ + (f": {' '.join(str(problem).split())[:200]}" if str(problem) else "")
+    return ValueError(
+        f"{name}'s files in {data_dir} are unreadable or damaged ({problem}): delete them to fetch them "
+        f"again, or put whole ones under {data_dir}: {DATASETS[name].files}"
+    )
+
+
+def _consistent(name, data_dir, splits):
+    """splits, once each set has as many labels as images, labels in 0..C-1 and images of the dataset's shape:
+    MNIST's files carry no checksum, and a damaged one would otherwise fail only at the first evaluation."""
+    info = DATASETS[name]
+    shape, top = (info.channels, info.size, info.size), info.num_classes - 1
+    train_x, train_y, test_x, test_y, extra_x = splits
+    for which, x, y in (("training", train_x, train_y), ("test", test_x, test_y), ("unlabeled", extra_x, None)):
+        if x is None:
+            continue
+        if y is not None and len(x) != len(y):
+            raise _damaged(name, data_dir, f"its {which} set has {len(x)} images but {len(y)} labels")
+        if len(x) == 0 and y is not None:
+            raise _damaged(name, data_dir, f"its {which} set is empty")
+        if tuple(x.shape[1:]) != shape:
+            raise _damaged(name, data_dir, f"its {which} images are {tuple(x.shape[1:])}, not {shape}")
+        if y is not None and not 0 <= int(y.min()) <= int(y.max()) <= top:
+            labels = f"{int(y.min())} to {int(y.max())}"
+            raise _damaged(name, data_dir, f"its {which} labels run from {labels}, not 0 to {top}")
+    return splits
 
 
 def load_dataset(name, data_dir="./data", svhn_extra=True):
@@ -157,7 +195,8 @@ def load_dataset(name, data_dir="./data", svhn_extra=True):
     (73k + 531k labeled images) unless svhn_extra is False, as in TorchSSL, USB and FixMatch: the
     labeled split is drawn from all 604k, and all of them feed the unlabeled stream. Files missing from
     data_dir are downloaded by torchvision; Fashion-MNIST is taken from Debian's package when that
-    is installed. Raises FileNotFoundError with one line saying what to put where.
+    is installed. Raises FileNotFoundError with one line saying what to put where, and ValueError with one
+    line for files that are there but damaged (never overwritten).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -167,15 +206,22 @@ def load_dataset(name, data_dir="./data", svhn_extra=True):
         except ImportError:
             raise ValueError("svhn needs scipy to read its .mat files: pip install scipy") from None
     try:  # already on disk: no integrity check against the network, no "verified" chatter
-        return _torchvision_splits(name, data_dir, download=False, svhn_extra=svhn_extra)
-    except RuntimeError:
-        pass
+        splits = _torchvision_splits(name, data_dir, download=False, svhn_extra=svhn_extra)
+    except RuntimeError as e:  # torchvision's "Dataset not found [or corrupted]" (a file missing, a bad checksum)
+        if not str(e).startswith("Dataset not found"):
+            raise _damaged(name, data_dir, e) from None
+        splits = None  # fetched below
+    except (AssertionError, KeyError, ValueError, OSError, EOFError) as e:  # there, but not what torchvision
+        raise _damaged(name, data_dir, e) from None  # wrote: MNIST's files have no checksum to catch that
+    if splits is not None:
+        return _consistent(name, data_dir, splits)
     created = not os.path.exists(data_dir)
     try:
         if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST):
             _unpack_debian_fashion_mnist(data_dir)
-            return _torchvision_splits(name, data_dir, download=False)
-        return _torchvision_splits(name, data_dir, download=True, svhn_extra=svhn_extra)
+            splits = _torchvision_splits(name, data_dir, download=False)
+        else:
+            splits = _torchvision_splits(name, data_dir, download=True, svhn_extra=svhn_extra)
     except (RuntimeError, URLError, OSError) as e:
         if created:  # leave no empty data dir behind
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -184,6 +230,9 @@ def load_dataset(name, data_dir="./data", svhn_extra=True):
             f"{name} is not in {data_dir} and could not be loaded or downloaded ({reason}): put "
             f"under {data_dir}: {DATASETS[name].files}; or run once with network access"
         ) from None
+    except (AssertionError, KeyError, ValueError, EOFError) as e:  # a file there already, as above
+        raise _damaged(name, data_dir, e) from None
+    return _consistent(name, data_dir, splits)
 
 
 def load_folder(root):

@@ -1,7 +1,10 @@
 """common.py: the labeled split, the datasets through the real torchvision loaders, the WideResNet."""
 
 import gzip
+import os
 import shutil
+import stat
+import struct
 from urllib.error import URLError
 
 import numpy as np
@@ -114,6 +117,68 @@ def test_fashion_mnist_from_debian_package(tmp_path, monkeypatch):
     assert torch.equal(test_y, torch.from_numpy(truth["test_y"]))
     assert len(seen) == 4 and all(size == sizes[name] for files in seen for name, size in files.items())
     assert sorted(f.name for f in raw.iterdir()) == sorted(sizes)
+
+
+def test_debian_unpacks_only_what_the_data_dir_lacks_with_a_new_files_permissions(tmp_path, monkeypatch):
+    """The data dir's own files are kept (only the missing test files come from the package), and an unpacked
+    file is readable as a plain new file would be under the umask, not 0600 as its temporary file was."""
+    debian = make_debian_fashion_mnist(tmp_path / "debian", seed=0)
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    own = make_fake_dataset("fashion_mnist", tmp_path / "data", seed=1)
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).unlink()
+    umask = os.umask(0o002)
+    try:
+        train_x, train_y, test_x, test_y, _ = common.load_dataset("fashion_mnist", str(tmp_path / "data"))
+    finally:
+        os.umask(umask)
+    assert torch.equal(train_x, torch.from_numpy(own["train_x"])) and torch.equal(
+        train_y, torch.from_numpy(own["train_y"])
+    )
+    assert torch.equal(test_x, torch.from_numpy(debian["test_x"])) and torch.equal(
+        test_y, torch.from_numpy(debian["test_y"])
+    )
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in raw.glob("t10k-*")} == dict.fromkeys(
+        ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), 0o664
+    )
+
+
+# A damaged file of each kind torchvision's MNIST reader meets (these files carry no checksum): (file, damage, what
+# the one line says). "fewer labels" keeps the file's header consistent, so only the set's two counts disagree.
+DAMAGE = {
+    "truncated": ("train-images-idx3-ubyte", lambda b: b[:1000], "RuntimeError: shape"),
+    "not an IDX file": ("train-images-idx3-ubyte", lambda b: b"\x00\x00\x63\x09" + b[4:], "AssertionError"),
+    "empty": ("t10k-labels-idx1-ubyte", lambda b: b"", "ValueError"),
+    "other image size": (
+        "train-images-idx3-ubyte",
+        lambda b: b[:8] + struct.pack(">II", 16, 49) + b[16:],
+        "(1, 16, 49)",
+    ),
+    "a label out of range": (
+        "t10k-labels-idx1-ubyte",
+        lambda b: b[:-1] + bytes([200]),
+        "test labels run from 0 to 200",
+    ),
+    "fewer labels": ("t10k-labels-idx1-ubyte", lambda b: b[:4] + struct.pack(">I", 30) + b[8:38], "50 images but 30"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damaged_files_are_one_line_and_never_overwritten(case, tmp_path, monkeypatch):
+    """Damaged Fashion-MNIST files in the data dir are refused in one line naming the damage; Debian's package,
+    there to fill a data dir that lacks the files, never replaces them (they may be the user's own)."""
+    make_debian_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    make_fake_dataset("fashion_mnist", tmp_path / "data", seed=1)
+    fname, damage, says = DAMAGE[case]
+    path = tmp_path / "data" / "FashionMNIST" / "raw" / fname
+    path.write_bytes(damage(path.read_bytes()))
+    damaged = path.read_bytes()
+    with pytest.raises(ValueError, match="unreadable or damaged") as e:
+        common.load_dataset("fashion_mnist", str(tmp_path / "data"))
+    assert says in str(e.value) and "\n" not in str(e.value)
+    assert path.read_bytes() == damaged
 
 
 def test_missing_data_says_what_to_put_where(tmp_path, monkeypatch):

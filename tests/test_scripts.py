@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
+from fakedata import make_fake_dataset, write_mnist_idx
 from scriptrun import TINY, checkpoint, flat, refused, rows, run, run_inprocess, run_killed, same, same_run
 from scripts import SCRIPTS
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -140,6 +141,18 @@ def test_bad_input_is_one_line_and_exit_2(script, case, data_dir, tmp_path, caps
     assert message in err
     assert not (tmp_path / "r").exists(), "a failed start must not leave a run behind"
     assert not (tmp_path / "empty").exists(), "a failed load must not leave an empty data dir behind"
+
+
+def test_damaged_data_is_one_line_at_the_start(tmp_path):
+    """MNIST's files carry no checksum: a test set with fewer labels than images (each file whole) is refused before
+    the run dir exists, not met at the first evaluation with a traceback."""
+    t = make_fake_dataset("mnist", tmp_path / "data", n_train=200, n_test=40)
+    write_mnist_idx(tmp_path / "data", "MNIST", t["train_x"], t["train_y"], t["test_x"], t["test_y"][:30])
+    args = ("--dataset", "mnist", "--data-dir", tmp_path / "data", "--run-dir", tmp_path / "r")
+    proc = run("supervised.py", *TINY, *args, check=False)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, proc.stderr
+    assert "its test set has 40 images but 30 labels" in err and not (tmp_path / "r").exists()
 
 
 def test_existing_run_dir_is_not_overwritten(data_dir, tmp_path):
