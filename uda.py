@@ -426,7 +426,11 @@ if __name__ == "__main__":
     if ckpt is not None and ckpt.get("data", sizes) != sizes:
         fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, now {sizes})")
     split = run_dir / "labeled_indices.json"  # and the same labeled images
-    if ckpt is not None and split.is_file() and json.loads(split.read_text()) != data.labeled_idx.tolist():
+    try:
+        saved_split = json.loads(split.read_text()) if ckpt is not None and split.is_file() else None
+    except ValueError:  # not JSON (not UTF-8 either)
+        fail(f"--resume {run_dir}: its {split.name} is damaged: delete it, and the run writes its split again")
+    if saved_split is not None and saved_split != data.labeled_idx.tolist():
         fail(f"--resume {run_dir}: that run had other labeled images ({split.name}): start a new run for these")
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
     # CUDA GRAPH: no autocast cache (a cached cast would outlive a capture)
@@ -483,9 +487,11 @@ if __name__ == "__main__":
     if refused[0]:
         fail(refused[0])
     if rank == 0:  # DISTRIBUTED: rank 0 alone writes
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        # rows logged after the checkpoint go, and so does a row a kill cut short (it does not end in "}")
-        kept = "".join(f"{r}\n" for r in lines if r.endswith("}") and json.loads(r)["step"] <= start_step)
+        try:  # rows logged after the checkpoint go, and so does a row a kill cut short (it does not end in "}")
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            kept = "".join(f"{r}\n" for r in lines if r.endswith("}") and json.loads(r)["step"] <= start_step)
+        except (ValueError, KeyError, TypeError):  # not text, not JSON, no number under "step": not a row of ours
+            fail(f"--resume {run_dir}: its {metrics.name} holds a line that is not a metrics row: mend or delete it")
         args_json, split_json = json.dumps(vars(args), indent=2), json.dumps(data.labeled_idx.tolist())
         write_whole({run_dir / "args.json": args_json, split: split_json, metrics: kept})
         if args.tensorboard:

@@ -1,7 +1,7 @@
 """Nothing a user does loses or mixes a run: bad values refused before anything runs (typed, or in a resumed run's
-args.json), resume guards (damaged, missing, foreign or finished checkpoints, another script, dataset, data or
-network), divergence, unwritable run dirs, a full disk, Ctrl-C and a second process on a run, each ending in one
-line on stderr with the previous state intact.
+args.json), resume guards (damaged, missing, foreign or finished checkpoints, a damaged split or metrics file, another
+script, dataset, data or network), divergence, unwritable run dirs, a full disk, Ctrl-C and a second process on a
+run, each ending in one line on stderr with the previous state intact.
 
 Argument checks run in-process on every script; run-level cases on supervised.py and on mpl.py (two networks)."""
 
@@ -235,6 +235,33 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(case, runs, capsys, tmp_pat
     err = refused(capsys, "supervised.py", "--resume", run_dir, "--total-steps", 20)
     assert "checkpoint" in err and "weights_only=False" not in err and "must never run" not in err
     assert files(run_dir) == before
+
+
+# A run's other files, damaged by hand or by a tool: (file, its new bytes, what the one line says).
+DAMAGED_FILES = {
+    "split not JSON": ("labeled_indices.json", b"[1, 2,", "its labeled_indices.json is damaged: delete it"),
+    "split not text": ("labeled_indices.json", b"\xff\xfe[", "its labeled_indices.json is damaged: delete it"),
+    "row not JSON": ("metrics.jsonl", b'{"step": 1, "losses/sup": }\n', "holds a line that is not a metrics row"),
+    "row without a step": ("metrics.jsonl", b'{"losses/sup": 2.3}\n', "holds a line that is not a metrics row"),
+    "a step not a number": ("metrics.jsonl", b'{"step": "1"}\n', "holds a line that is not a metrics row"),
+    "rows not text": ("metrics.jsonl", b'{"step": 1}\n\xff}\n', "holds a line that is not a metrics row"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_FILES))
+def test_a_runs_damaged_split_or_metrics_are_one_line_and_kept(case, runs, capsys, tmp_path):
+    """Not a traceback on resume, and the files stay as they are (metrics.jsonl is rewritten only once all its rows
+    read); the line says what to do. Deleting the split, as it says, resumes the run and writes the split again."""
+    run_dir = copy(runs, "supervised.py", tmp_path)
+    name, damaged, says = DAMAGED_FILES[case]
+    (run_dir / name).write_bytes((run_dir / name).read_bytes() + damaged if name == "metrics.jsonl" else damaged)
+    before = files(run_dir)
+    assert says in refused(capsys, "supervised.py", "--resume", run_dir, "--total-steps", 7)
+    assert files(run_dir) == before
+    if name == "labeled_indices.json":
+        (run_dir / name).unlink()
+        run_inprocess("supervised.py", "--resume", run_dir, "--total-steps", 7)
+        assert (run_dir / name).read_bytes() == (runs / "supervised.py" / name).read_bytes()
 
 
 def test_no_checkpoint_is_no_silent_restart(runs, capsys, tmp_path):
