@@ -555,16 +555,17 @@ if __name__ == "__main__":
         leave(0)
     metrics, writer = run_dir / "metrics.jsonl", None
     refused = [hold_run_dir(run_dir, args.resume) if rank == 0 else ""]
-    if world > 1:  # DISTRIBUTED: rank 0 alone holds the run dir; when it cannot, every rank says so (none left waiting)
-        dist.broadcast_object_list(refused)
-    if refused[0]:
-        fail(refused[0])
-    if rank == 0:  # DISTRIBUTED: rank 0 alone writes
+    if rank == 0 and not refused[0]:
         try:  # rows logged after the checkpoint go, and so does a row a kill cut short (it does not end in "}")
             lines = metrics.read_text().splitlines() if metrics.exists() else []
             kept = "".join(f"{r}\n" for r in lines if r.endswith("}") and json.loads(r)["step"] <= start_step)
         except (ValueError, KeyError, TypeError):  # not text, not JSON, no number under "step": not a row of ours
-            fail(f"--resume {run_dir}: its {metrics.name} holds a line that is not a metrics row: mend or delete it")
+            refused[0] = f"--resume {run_dir}: a line of its {metrics.name} is not a metrics row: mend or delete it"
+    if world > 1:  # DISTRIBUTED: rank 0 alone holds the run dir and reads it; when it cannot, every rank says so
+        dist.broadcast_object_list(refused)
+    if refused[0]:
+        fail(refused[0])
+    if rank == 0:  # DISTRIBUTED: rank 0 alone writes
         args_json, split_json = json.dumps(vars(args), indent=2), json.dumps(data.labeled_idx.tolist())
         write_whole({run_dir / "args.json": args_json, split: split_json, metrics: kept})
         if args.tensorboard:

@@ -15,6 +15,7 @@
 The tests that need to steer the data or read a rank's state afterwards launch a small driver (written
 here) that patches `common` and runs the script with runpy, as torchrun would run it."""
 
+import contextlib
 import json
 import os
 import re
@@ -383,15 +384,21 @@ def test_checkpoint_that_does_not_fit_under_torchrun_is_one_line_and_exit_2(data
     assert (out / "metrics.jsonl").read_text() == before
 
 
-def test_a_run_dir_held_by_another_process_under_torchrun_is_one_line_and_exit_2(data_dir, tmp_path):
-    """Rank 0 alone holds the run dir (it alone writes there). When another process holds it, rank 0 tells the other
-    ranks before any training collective and every rank says the one line; the run is left as it was. (Rank 0 alone
-    saying it left rank 1 in its first all-reduce: gloo's traceback, in 3 of 3 such resumes.)"""
+@pytest.mark.parametrize("fault", ["held", "a damaged metrics row"])
+def test_a_run_dir_rank_0_refuses_under_torchrun_is_one_line_and_exit_2(fault, data_dir, tmp_path):
+    """Rank 0 alone holds the run dir and reads its metrics (it alone writes there). When another process holds it, or
+    a line of metrics.jsonl is not a row, rank 0 tells the other ranks before any training collective and every rank
+    says the one line; the run is left as it was. (Rank 0 alone saying it left rank 1 in its first all-reduce: gloo's
+    traceback, in 3 of 3 such resumes.)"""
     out = tmp_path / "r"
     torchrun("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 5, "--run-dir", out)
+    if fault == "a damaged metrics row":
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write('{"losses/sup": 2.3}\n')
     before = (out / "metrics.jsonl").read_text()
-    with held(out):
-        refused_by_every_rank(f"{out}: another process is running it now", "--resume", out, "--total-steps", 10)
+    reason = {"held": f"{out}: another process is running it now", "a damaged metrics row": "is not a metrics row"}
+    with held(out) if fault == "held" else contextlib.nullcontext():
+        refused_by_every_rank(reason[fault], "--resume", out, "--total-steps", 10)
     assert (out / "metrics.jsonl").read_text() == before and checkpoint(out)["step"] == 5
 
 
