@@ -138,7 +138,8 @@ def _unpack_debian_fashion_mnist(root):
     (Debian re-compressed them, so torchvision's md5 of the .gz archives would not match.) A file
     already there is never overwritten. Each file is written under a temporary name and renamed
     whole: processes unpacking at once (torchrun's ranks on a fresh data dir) never read another's
-    half-written file; it gets the permissions a plain new file would (the temporary one has 0600)."""
+    half-written file, and a fault (a full disk) leaves none behind. A file gets the permissions a
+    plain new file would (the temporary one has 0600)."""
     raw = os.path.join(root, "FashionMNIST", "raw")
     os.makedirs(raw, exist_ok=True)
     umask = os.umask(0o022)
@@ -150,7 +151,11 @@ def _unpack_debian_fashion_mnist(root):
             gzip.open(os.path.join(DEBIAN_FASHION_MNIST, fname)) as src,
             tempfile.NamedTemporaryFile(dir=raw, suffix=".part", delete=False) as dst,
         ):
-            shutil.copyfileobj(src, dst)
+            try:
+                shutil.copyfileobj(src, dst)
+            except BaseException:  # a full disk, Ctrl-C: no part file is left behind
+                os.unlink(dst.name)
+                raise
         os.chmod(dst.name, 0o666 & ~umask)
         os.replace(dst.name, os.path.join(raw, fname[:-3]))
 

@@ -1,5 +1,6 @@
 """common.py: the labeled split, the datasets through the real torchvision loaders, the WideResNet."""
 
+import errno
 import gzip
 import os
 import shutil
@@ -142,6 +143,27 @@ def test_debian_unpacks_only_what_the_data_dir_lacks_with_a_new_files_permission
     assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in raw.glob("t10k-*")} == dict.fromkeys(
         ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), 0o664
     )
+
+
+def test_a_full_disk_while_unpacking_leaves_no_part_file(tmp_path, monkeypatch):
+    """The data dir existed before: it stays, with the files unpacked whole before the fault and no part file."""
+    make_debian_fashion_mnist(tmp_path / "debian")
+    monkeypatch.setattr(common, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    (tmp_path / "data").mkdir()
+    copy, calls = shutil.copyfileobj, []
+
+    def full_at_the_second(src, dst, *args):
+        calls.append(dst.name)
+        if len(calls) == 2:
+            dst.write(src.read(10))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return copy(src, dst, *args)
+
+    monkeypatch.setattr(shutil, "copyfileobj", full_at_the_second)
+    with pytest.raises(FileNotFoundError, match="No space left on device"):
+        common.load_dataset("fashion_mnist", str(tmp_path / "data"))
+    left = sorted(f.name for f in (tmp_path / "data" / "FashionMNIST" / "raw").iterdir())
+    assert len(calls) == 2 and left == ["train-images-idx3-ubyte"]
 
 
 # A damaged file of each kind torchvision's MNIST reader meets (these files carry no checksum): (file, damage, what
