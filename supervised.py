@@ -367,7 +367,9 @@ if __name__ == "__main__":
     def interrupted(signum, frame):  # Ctrl-C, SIGTERM: one line on how to go on (the checkpoint on disk is whole)
         how = "no checkpoint yet, nothing to resume"
         if (run_dir / "checkpoint.pt").is_file():  # DISTRIBUTED: under torchrun, resumed by as many processes
-            launch = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # DISTRIBUTED: on several machines, as many of them
+            nodes = f" --nnodes={world // local} <your rendezvous flags>" if world > local else ""
+            launch = f"torchrun{nodes} --nproc_per_node={local}" if world > 1 else "python"
             how = f"continue with: {launch} {METHOD}.py --resume {run_dir}"
         if rank == 0:  # DISTRIBUTED: every rank gets the signal, rank 0 alone says it
             print(f"{METHOD}.py: interrupted at step {globals().get('step', 0)}; {how}", file=sys.stderr)

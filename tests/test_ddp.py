@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -483,4 +484,47 @@ def test_ctrl_c_under_torchrun_is_one_line_with_the_command_that_resumes(data_di
     step = checkpoint(out)["step"]
     assert 5 <= step < 200, "the run ended before the signal: the test proves nothing"
     torchrun("supervised.py", "--resume", out)
+    assert checkpoint(out)["step"] == 200 and [r["step"] for r in rows(out)][-1] == 200
+
+
+def two_nodes(*args):
+    """supervised.py on two "nodes" of one process each: two torchrun agents on this machine that meet at a c10d
+    rendezvous on a free port. Returns the two agents' Popen (stderr piped)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *nodes,
+        "--rdzv-id=two_nodes",
+        "supervised.py",
+        *map(str, args),
+    ]
+    return [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+        for _ in range(2)
+    ]
+
+
+def test_ctrl_c_on_two_nodes_names_the_node_count_in_the_command_that_resumes(data_dir, tmp_path):
+    """On several machines the command that resumes names them: a run of 2 nodes x 1 process told to resume with
+    `torchrun --nproc_per_node=1` alone would be refused (a 2-process checkpoint). Two nodes then finish the run."""
+    out = tmp_path / "r"
+    agents = two_nodes(*TINY, "--data-dir", data_dir, "--total-steps", 200, "--run-dir", out)
+    while not (out / "checkpoint.pt").exists() and all(a.poll() is None for a in agents):
+        time.sleep(0.01)
+    for a in agents:
+        a.send_signal(signal.SIGINT)
+    err = "".join(a.communicate(timeout=120)[1] for a in agents)
+    said = [line for line in err.splitlines() if "interrupted at step" in line]
+    assert len(said) == 1 and said[0].endswith(
+        f"; continue with: torchrun --nnodes=2 <your rendezvous flags> --nproc_per_node=1 supervised.py --resume {out}"
+    ), err[-3000:]
+    assert 5 <= checkpoint(out)["step"] < 200, "the run ended before the signal: the test proves nothing"
+    agents = two_nodes("--resume", out)
+    err = "".join(a.communicate(timeout=300)[1] for a in agents)
+    assert [a.returncode for a in agents] == [0, 0], err[-3000:]
     assert checkpoint(out)["step"] == 200 and [r["step"] for r in rows(out)][-1] == 200
