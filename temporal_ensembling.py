@@ -281,7 +281,7 @@ def check_run_dir(run_dir, resume):
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         fail(f"--run-dir {run_dir}: cannot write in {folder} ({e.strerror})")
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+    if not resume and run_dir.is_dir() and any(p.suffix != ".tmp" for p in run_dir.iterdir()):  # .tmp: see below
         fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
 
 
@@ -298,7 +298,9 @@ def hold_run_dir(run_dir, resume):
         return f"--run-dir {run_dir}: another process is running it now: let it end (or stop it), then --resume"
     except (ImportError, OSError):
         pass
-    if not resume and any(run_dir.iterdir()):  # empty at check_run_dir: a run began there since (and has ended)
+    # empty at check_run_dir: a run began there since (and has ended). A start killed in its first write (kill -9,
+    # power loss) left only .tmp files, which are no run: this start writes those names again and renames them
+    if not resume and any(p.suffix != ".tmp" for p in run_dir.iterdir()):
         return f"--run-dir {run_dir}: another run began there while this one started: pick another"
     return ""
 

@@ -9,6 +9,7 @@ import builtins
 import contextlib
 import errno
 import json
+import os
 import pickle
 import re
 import runpy
@@ -581,6 +582,32 @@ def test_a_second_process_on_a_running_run_is_refused_and_writes_nothing(data_di
         first.wait()
     run_inprocess("supervised.py", "--resume", run_dir, "--total-steps", step + 2)
     assert checkpoint(run_dir)["step"] == step + 2
+
+
+def test_a_start_killed_in_its_first_write_leaves_a_dir_a_new_run_takes(data_dir, monkeypatch, tmp_path):
+    """Killed after its start files were written as .tmp and before their renames (as kill -9 or a power loss would
+    leave them), a new run's dir holds only .tmp files: no run to resume (it said "continue it with --resume", and
+    --resume then "not a run dir"). Started again, the run writes over them and ends as one never stopped."""
+    args, run_dir, replace = [*SMALL, "--data-dir", data_dir], tmp_path / "run", os.replace
+
+    class Killed(BaseException):
+        pass
+
+    def killed_at_the_first_rename(src, dst):
+        raise Killed
+
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(os, "replace", killed_at_the_first_rename)
+        run_inprocess("supervised.py", *args, "--run-dir", run_dir)
+    assert os.replace is replace
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "args.json.tmp",
+        "labeled_indices.json.tmp",
+        "metrics.jsonl.tmp",
+    ]
+    run_inprocess("supervised.py", *args, "--run-dir", run_dir)
+    run_inprocess("supervised.py", *args, "--run-dir", tmp_path / "straight")
+    assert same_run(tmp_path / "straight", run_dir) and not list(run_dir.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("other", ["running", "finished"])
