@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -370,13 +371,20 @@ def test_sync_bn_without_cuda_is_one_line_and_exit_2(data_dir, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_checkpoint_that_does_not_fit_under_torchrun_is_one_line_and_exit_2(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def run_of_two(data_dir, tmp_path_factory):
+    """A finished 5-step run of supervised.py by 2 processes, never modified: tests resume copies of it."""
+    out = tmp_path_factory.mktemp("ddp") / "r"
+    torchrun("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 5, "--run-dir", out)
+    return out
+
+
+def test_checkpoint_that_does_not_fit_under_torchrun_is_one_line_and_exit_2(run_of_two, tmp_path):
     """The one bad-input check a resume reaches after the DDP wrap (the checkpoint's state does not load):
     every rank says it in one line and exits 2 (or torchrun ends it with SIGTERM once its peer has), none
     aborts (SIGABRT: a group torn down in interpreter teardown) and none prints a traceback; the run is
     left as it was. 25 such resumes of supervised.py at 7fd5194: 46 ranks exited 2, 4 got SIGTERM."""
-    out = tmp_path / "r"
-    torchrun("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 5, "--run-dir", out)
+    out = shutil.copytree(run_of_two, tmp_path / "r")
     ckpt = checkpoint(out)
     del ckpt["model"]["conv1.weight"]
     torch.save(ckpt, out / "checkpoint.pt")
@@ -386,13 +394,12 @@ def test_checkpoint_that_does_not_fit_under_torchrun_is_one_line_and_exit_2(data
 
 
 @pytest.mark.parametrize("fault", ["held", "a damaged metrics row"])
-def test_a_run_dir_rank_0_refuses_under_torchrun_is_one_line_and_exit_2(fault, data_dir, tmp_path):
+def test_a_run_dir_rank_0_refuses_under_torchrun_is_one_line_and_exit_2(fault, run_of_two, tmp_path):
     """Rank 0 alone holds the run dir and reads its metrics (it alone writes there). When another process holds it, or
     a line of metrics.jsonl is not a row, rank 0 tells the other ranks before any training collective and every rank
     says the one line; the run is left as it was. (Rank 0 alone saying it left rank 1 in its first all-reduce: gloo's
     traceback, in 3 of 3 such resumes.)"""
-    out = tmp_path / "r"
-    torchrun("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 5, "--run-dir", out)
+    out = shutil.copytree(run_of_two, tmp_path / "r")
     if fault == "a damaged metrics row":
         with open(out / "metrics.jsonl", "a") as f:
             f.write('{"losses/sup": 2.3}\n')
