@@ -239,21 +239,14 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(case, runs, capsys, tmp_pat
 
 
 # A run's other files, damaged by hand or by a tool: (file, its new bytes, what the one line says).
+SPLIT, ROW = "its labeled_indices.json is damaged: delete it", "a line of its metrics.jsonl is not a metrics row"
 DAMAGED_FILES = {
-    "split not JSON": ("labeled_indices.json", b"[1, 2,", "its labeled_indices.json is damaged: delete it"),
-    "split not text": ("labeled_indices.json", b"\xff\xfe[", "its labeled_indices.json is damaged: delete it"),
-    "row not JSON": (
-        "metrics.jsonl",
-        b'{"step": 1, "losses/sup": }\n',
-        "a line of its metrics.jsonl is not a metrics row",
-    ),
-    "row without a step": (
-        "metrics.jsonl",
-        b'{"losses/sup": 2.3}\n',
-        "a line of its metrics.jsonl is not a metrics row",
-    ),
-    "a step not a number": ("metrics.jsonl", b'{"step": "1"}\n', "a line of its metrics.jsonl is not a metrics row"),
-    "rows not text": ("metrics.jsonl", b'{"step": 1}\n\xff}\n', "a line of its metrics.jsonl is not a metrics row"),
+    "split not JSON": ("labeled_indices.json", b"[1, 2,", SPLIT),
+    "split not text": ("labeled_indices.json", b"\xff\xfe[", SPLIT),
+    "row not JSON": ("metrics.jsonl", b'{"step": 1, "losses/sup": }\n', ROW),
+    "row without a step": ("metrics.jsonl", b'{"losses/sup": 2.3}\n', ROW),
+    "a step not a number": ("metrics.jsonl", b'{"step": "1"}\n', ROW),
+    "rows not text": ("metrics.jsonl", b'{"step": 1}\n\xff}\n', ROW),
 }
 
 
