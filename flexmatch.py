@@ -493,6 +493,9 @@ if __name__ == "__main__":
     # ALGO LOGIC: the marks u^_n, one per unlabeled row (-1 = unused), on the device and in the checkpoint
     selected_label = torch.full((len(data.x_unlabeled),), -1, dtype=torch.long, device=device)
     state.update(selected_label=selected_label)
+    n_u = len(data.x_unlabeled) // world  # DISTRIBUTED: under torchrun each rank draws from its own shard
+    if args.mu * args.batch_size > n_u:  # the unlabeled batch is distinct rows (each marked once a step)
+        fail(f"--mu x --batch-size = {args.mu * args.batch_size} distinct unlabeled images a step, but there are {n_u}")
 
     # TRY NOT TO MODIFY: resume, run dir, logging
     torch.manual_seed(args.seed + rank)  # DISTRIBUTED: the same weights on every rank above, each its own batches below

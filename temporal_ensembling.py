@@ -482,6 +482,9 @@ if __name__ == "__main__":
     Z = torch.zeros(len(data.x_unlabeled), info.num_classes, device=device)  # ensemble predictions, a row per image
     count = torch.zeros(len(data.x_unlabeled), dtype=torch.long, device=device)  # updates t_i of each row
     state.update(ensemble=Z, ensemble_count=count)
+    n_u = len(data.x_unlabeled) // world  # DISTRIBUTED: under torchrun each rank draws from its own shard
+    if args.mu * args.batch_size > n_u:  # the unlabeled batch is distinct rows (each updated once a step)
+        fail(f"--mu x --batch-size = {args.mu * args.batch_size} distinct unlabeled images a step, but there are {n_u}")
     unsup_w = torch.zeros((), device=device)  # w(t), this step's consistency weight: filled before the step
 
     # TRY NOT TO MODIFY: resume, run dir, logging

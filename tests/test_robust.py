@@ -266,6 +266,18 @@ def test_a_runs_damaged_split_or_metrics_are_one_line_and_kept(case, runs, capsy
         assert (run_dir / name).read_bytes() == (runs / "supervised.py" / name).read_bytes()
 
 
+@pytest.mark.parametrize("script", ["flexmatch.py", "temporal_ensembling.py"])
+def test_more_distinct_unlabeled_rows_a_step_than_there_are_is_one_line(script, data_dir, capsys, tmp_path):
+    """FlexMatch and Temporal Ensembling draw mu B distinct unlabeled rows a step: no more than the set holds (200
+    fake images). One line, nothing written; before, the batch was the 200 and the run trained on with less than it
+    was asked, silently. mu B = 200 runs."""
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 1]
+    err = refused(capsys, script, *args, "--mu", 26, "--run-dir", tmp_path / "r")
+    assert err.endswith("--mu x --batch-size = 208 distinct unlabeled images a step, but there are 200"), err
+    assert not (tmp_path / "r").exists()
+    run_inprocess(script, *args, "--mu", 25, "--run-dir", tmp_path / "ok")
+
+
 def test_no_checkpoint_is_no_silent_restart(runs, capsys, tmp_path):
     run_dir = copy(runs, "supervised.py", tmp_path)
     (run_dir / "checkpoint.pt").unlink()
