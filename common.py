@@ -160,6 +160,22 @@ def _unpack_debian_fashion_mnist(root):
         os.replace(dst.name, os.path.join(raw, fname[:-3]))
 
 
+def _torchvision_files(name, root, svhn_extra=True):
+    """[(path, md5 or None)]: the files torchvision's loader reads for name under root, with the md5 it checks
+    them against (MNIST's unpacked files have none), as its dataset classes list them."""
+    D = torchvision.datasets
+    if name in ("cifar10", "cifar100", "stl10"):
+        cls = {"cifar10": D.CIFAR10, "cifar100": D.CIFAR100, "stl10": D.STL10}[name]
+        named = cls.train_list + cls.test_list + ([[cls.meta["filename"], cls.meta["md5"]]] if name != "stl10" else [])
+        return [(os.path.join(root, cls.base_folder, f), md5) for f, md5 in named]
+    if name == "svhn":
+        splits = ("train", "test", "extra") if svhn_extra else ("train", "test")
+        return [(os.path.join(root, D.SVHN.split_list[s][1]), D.SVHN.split_list[s][2]) for s in splits]
+    cls = D.MNIST if name == "mnist" else D.FashionMNIST
+    raw = os.path.join(root, cls.__name__, "raw")
+    return [(os.path.join(raw, os.path.basename(url)[: -len(".gz")]), None) for url, _ in cls.resources]
+
+
 def _damaged(name, data_dir, problem):
     """The one-line error for dataset files that are there but cannot be read as what torchvision wrote
     (problem: a sentence, or the exception the reader raised)."""
@@ -231,6 +247,17 @@ def load_dataset(name, data_dir="./data", svhn_extra=True):
         if created:  # leave no empty data dir behind
             shutil.rmtree(data_dir, ignore_errors=True)
         reason = " ".join(str(e).split())[:200] or type(e).__name__  # one line
+        files, check = _torchvision_files(name, data_dir, svhn_extra), torchvision.datasets.utils.check_integrity
+        missing = [os.path.relpath(p, data_dir) for p, _ in files if not os.path.isfile(p)]
+        wrong = [os.path.relpath(p, data_dir) for p, md5 in files if md5 and os.path.isfile(p) and not check(p, md5)]
+        if wrong:  # there, but not the files torchvision's md5 names (a copy cut short, a disk fault)
+            problem = f"{', '.join(wrong)} not matching torchvision's md5" + "".join(f", {m} missing" for m in missing)
+            raise _damaged(name, data_dir, f"{problem}; no download: {reason}") from None
+        if len(missing) < len(files):  # some there: name the ones that are not
+            raise FileNotFoundError(
+                f"{name} is incomplete in {data_dir} ({', '.join(missing)} missing) and could not be loaded or "
+                f"downloaded ({reason}): put under {data_dir}: {DATASETS[name].files}; or run once with network access"
+            ) from None
         raise FileNotFoundError(
             f"{name} is not in {data_dir} and could not be loaded or downloaded ({reason}): put "
             f"under {data_dir}: {DATASETS[name].files}; or run once with network access"

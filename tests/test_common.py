@@ -2,6 +2,7 @@
 
 import errno
 import gzip
+import hashlib
 import os
 import shutil
 import stat
@@ -206,6 +207,38 @@ def test_missing_data_says_what_to_put_where(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        common.load_dataset("cifar10", str(tmp_path))
+
+
+def test_a_data_dir_with_some_files_names_those_missing_and_those_not_as_published(tmp_path, monkeypatch):
+    """Offline, torchvision says only "Dataset not found or corrupted" (its md5 check of CIFAR's files failed):
+    with data_batch_2 cut short and data_batch_5 gone the one line names both, and never says CIFAR-10 is not
+    there; with data_batch_2 whole again, it names the missing file. The md5s torchvision checks are set to
+    the fake files' own, so its real check runs; the files are left as they were."""
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    make_fake_dataset("cifar10", tmp_path)
+    base, cls = tmp_path / "cifar-10-batches-py", torchvision.datasets.CIFAR10
+    md5 = lambda name: hashlib.md5((base / name).read_bytes()).hexdigest()
+    for key in ("train_list", "test_list"):  # the fake files as the published ones
+        monkeypatch.setattr(cls, key, [[name, md5(name)] for name, _ in getattr(cls, key)])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
+    common.load_dataset("cifar10", str(tmp_path))  # whole: loads
+    whole = (base / "data_batch_2").read_bytes()
+    (base / "data_batch_2").write_bytes(whole[:-1000])
+    (base / "data_batch_5").unlink()
+    with pytest.raises(ValueError, match="unreadable or damaged") as e:
+        common.load_dataset("cifar10", str(tmp_path))
+    said = "cifar-10-batches-py/data_batch_2 not matching torchvision's md5, cifar-10-batches-py/data_batch_5 missing"
+    assert said in str(e.value) and "no network" in str(e.value) and "\n" not in str(e.value)
+    assert len((base / "data_batch_2").read_bytes()) == len(whole) - 1000
+    (base / "data_batch_2").write_bytes(whole)
+    with pytest.raises(
+        FileNotFoundError, match=r"cifar10 is incomplete in .* \(cifar-10-batches-py/data_batch_5 missing"
+    ):
         common.load_dataset("cifar10", str(tmp_path))
 
 
