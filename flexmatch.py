@@ -462,6 +462,8 @@ if __name__ == "__main__":
     try:
         saved_split = json.loads(split.read_text()) if ckpt is not None and split.is_file() else None
     except ValueError:  # not JSON (not UTF-8 either)
+        saved_split = {}  # damaged, as JSON that is not a list of indices is
+    if saved_split is not None and not (isinstance(saved_split, list) and all(type(i) is int for i in saved_split)):
         fail(f"--resume {run_dir}: its {split.name} is damaged: delete it, and the run writes its split again")
     if saved_split is not None and saved_split != data.labeled_idx.tolist():
         fail(f"--resume {run_dir}: that run had other labeled images ({split.name}): start a new run for these")

@@ -243,6 +243,8 @@ SPLIT, ROW = "its labeled_indices.json is damaged: delete it", "a line of its me
 DAMAGED_FILES = {
     "split not JSON": ("labeled_indices.json", b"[1, 2,", SPLIT),
     "split not text": ("labeled_indices.json", b"\xff\xfe[", SPLIT),
+    "split not a list": ("labeled_indices.json", b'{"0": 3}', SPLIT),
+    "split not of indices": ("labeled_indices.json", b"[3, 1.5]", SPLIT),
     "row not JSON": ("metrics.jsonl", b'{"step": 1, "losses/sup": }\n', ROW),
     "row without a step": ("metrics.jsonl", b'{"losses/sup": 2.3}\n', ROW),
     "a step not a number": ("metrics.jsonl", b'{"step": "1"}\n', ROW),
