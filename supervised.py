@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-augment", action="store_true", help="cuda: compile the augmentations (torch.compile)")
     p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph, replay it")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
-    p.add_argument("--run-dir", default=None, help="default runs/<dataset>_<method>_<labels>_<seed>_<time>")
+    p.add_argument("--run-dir", default=None, help="default runs/<dataset>_<method>_<labels>_<seed>_<time>_<pid>")
     p.add_argument("--resume", default=None, help="a run dir to continue exactly, with its args.json")
     p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate its checkpoint, write nothing")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
@@ -145,7 +145,7 @@ def parse_args(argv=None):
     args.width = args.width or (8 if args.dataset == "cifar100" else 2)
     args.depth = args.depth or (37 if args.dataset == "stl10" else 28)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"  # runs started in one second (a sweep): a dir each
     args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{stamp}"
     try:
         kind = torch.device(args.device).type

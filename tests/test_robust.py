@@ -617,6 +617,27 @@ def test_a_start_killed_in_its_first_write_leaves_a_dir_a_new_run_takes(data_dir
     assert same_run(tmp_path / "straight", run_dir) and not list(run_dir.glob("*.tmp"))
 
 
+def test_runs_started_in_the_same_second_get_a_default_run_dir_each(data_dir, tmp_path):
+    """Two runs of a sweep (another --lr) started together without --run-dir, their clocks on the same second: each
+    finishes in its own default run dir. The default named the second alone, and one of the two was refused."""
+    frozen = f"import runpy, sys, time; sys.path.insert(0, {str(ROOT)!r}); time.strftime = lambda *a: '20261205-000000'"
+    start = lambda lr: subprocess.Popen(
+        [sys.executable, "-c", f"{frozen}; runpy.run_path({str(ROOT / 'supervised.py')!r}, run_name='__main__')"]
+        + list(map(str, [*SMALL, "--data-dir", data_dir, "--lr", lr])),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=OFFLINE,
+    )
+    procs = [start(lr) for lr in (0.03, 0.01)]
+    assert [(p.wait(timeout=300), p.stderr.read()) for p in procs] == [(0, ""), (0, "")]
+    run_dirs = sorted((tmp_path / "runs").iterdir())
+    assert [json.loads((d / "args.json").read_text())["lr"] for d in run_dirs] in ([0.03, 0.01], [0.01, 0.03])
+    assert all(d.name.startswith("fashion_mnist_supervised_20_0_20261205-000000") for d in run_dirs)
+    assert all(checkpoint(d)["step"] == 6 for d in run_dirs)
+
+
 @pytest.mark.parametrize("other", ["running", "finished"])
 def test_two_new_runs_on_one_run_dir_at_once(other, runs, data_dir, capsys, monkeypatch, tmp_path):
     """Two new runs on one --run-dir, started together: both find it empty before their data loads. While this one
