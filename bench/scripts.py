@@ -33,8 +33,8 @@ def fail(message):
 
 
 def parser(doc):
-    """An argparse parser titled by the docstring's first line, whose errors are one line (fail)."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    """An argparse parser titled by the docstring's first paragraph, whose errors are one line (fail)."""
+    p = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
     p.error = fail
     return p
 

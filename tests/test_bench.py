@@ -701,3 +701,13 @@ def test_gpu_check_times_the_targets_first_and_stops_at_its_budget(tmp_path, mon
     with pytest.raises(SystemExit):
         gpu_check.main()
     assert started == ["augment"] and "| `pi_model.py` | skipped | skipped | - | - |" in out.read_text()
+
+
+@pytest.mark.parametrize("tool", ["convergence", "digits", "ema_bn", "gpu_check", "plot", "subset", "throughput"])
+def test_a_tools_help_opens_with_its_whole_first_paragraph(tool, capsys):
+    """--help's description is the docstring's first paragraph, whole (it was its first line, cut mid-sentence)."""
+    module = __import__(tool)
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"]) if tool == "plot" else module.parser(module.__doc__).parse_args(["--help"])
+    paragraph = " ".join(module.__doc__.split("\n\n")[0].split())
+    assert e.value.code == 0 and paragraph.endswith(".") and paragraph in " ".join(capsys.readouterr().out.split())

@@ -195,3 +195,8 @@ def test_plot_draws_accuracy_and_losses_of_several_runs(tiny_run, tmp_path, caps
     with pytest.raises(SystemExit) as e:
         plot.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "d.png")])
     assert e.value.code == 2 and not (tmp_path / "d.png").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # matplotlib's own ValueError was a traceback
+        plot.main([str(run_dir), "--out", str(tmp_path / "d.xyz")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "end the name in .avif, .eps" in err, err
