@@ -37,6 +37,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -196,21 +197,23 @@ def parse_args(argv=None):
     lr = checked(float, lambda v: 0 < v <= FLOAT32_MAX, "positive and at most 3.4e38 (float32)")
     p.add_argument("--lr", type=lr, default=0.03, help="peak lr")
     p.add_argument("--weight-decay", type=nonnegative, default=None, help="default 5e-4, 1e-3 on cifar100")
-    p.add_argument("--momentum", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.9, help="nesterov")
+    p.add_argument("--momentum", type=checked(float, lambda v: 0 < v < 1, "in (0, 1)"), default=0.9, help="nesterov")
     p.add_argument("--ema-decay", type=unit, default=0.999, help="decay of the evaluated EMA model")
     p.add_argument("--depth", type=wrn_depth, default=None, help="WideResNet depth, default 28, 37 on stl10")
     p.add_argument("--width", type=positive, default=None, help="WideResNet width, default 2, 8 on cifar100")
     p.add_argument("--bn-momentum", type=open_unit, default=0.001, help="BatchNorm momentum (short runs need ~0.1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default bf16 on cuda, none on cpu")
-    p.add_argument("--compile", action="store_true", help="wrap the trained model in torch.compile")
-    p.add_argument("--compile-augment", action="store_true", help="cuda: compile the augmentations (torch.compile)")
-    p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph, replay it")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
+    # switches: --no-X turns off one that a resumed run's args.json turned on (a GPU run evaluated on a CPU)
+    switch = dict(action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--compile", **switch, help="wrap the trained model in torch.compile")
+    p.add_argument("--compile-augment", **switch, help="cuda: compile the augmentations (torch.compile)")
+    p.add_argument("--cuda-graph", **switch, help="capture the training step in a CUDA graph, replay it")
+    p.add_argument("--sync-bn", **switch, help="under torchrun: BatchNorm statistics over all processes")
     p.add_argument("--run-dir", default=None, help="default runs/<dataset>_<method>_<labels>_<seed>_<time>_<pid>")
     p.add_argument("--resume", default=None, help="a run dir to continue exactly, with its args.json")
     p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate its checkpoint, write nothing")
-    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
+    p.add_argument("--tensorboard", **switch, help="also log to TensorBoard")
     # ALGO LOGIC: algorithm specific
     p.set_defaults(num_labels=None)  # MAXL is not semi-supervised: by default it trains on every training label
     p.add_argument("--primary", choices=["coarse", "fine"], default=None, help="default coarse on cifar100, else fine")
@@ -265,11 +268,14 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda, but CUDA is not available here: use --device cpu")
     if args.sync_bn and not args.device.startswith("cuda"):  # DISTRIBUTED: SyncBatchNorm has no CPU kernel
-        fail("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only): drop --sync-bn")
+        why = "needs --device cuda (torch's SyncBatchNorm runs on GPUs only)"
+        fail(f"--sync-bn {why}: drop it (--no-sync-bn on a resume)")
     if args.cuda_graph and (not args.device.startswith("cuda") or args.amp == "fp16"):  # CUDA GRAPH
-        fail("--cuda-graph needs --device cuda and --amp bf16 or none (fp16's loss scaling syncs with the host)")
+        why = "needs --device cuda and --amp bf16 or none (fp16's loss scaling syncs with the host)"
+        fail(f"--cuda-graph {why}: drop it (--no-cuda-graph on a resume)")
     if args.compile_augment and not args.device.startswith("cuda"):
-        fail("--compile-augment is for --device cuda (on the CPU the eager augmentations are the faster)")
+        why = "is for --device cuda (on the CPU the eager augmentations are the faster)"
+        fail(f"--compile-augment {why}: drop it (--no-compile-augment on a resume)")
     if args.eval_only and not args.resume:
         fail("--eval-only needs --resume RUN_DIR: the run whose checkpoint to evaluate")
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -344,7 +350,9 @@ def check_run_dir(run_dir, resume):
     except OSError as e:
         fail(f"--run-dir {run_dir}: cannot write in {folder} ({e.strerror})")
     if not resume and run_dir.is_dir() and any(p.suffix != ".tmp" for p in run_dir.iterdir()):  # .tmp: see below
-        fail(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, or pick another")
+        ckpt = (run_dir / "checkpoint.pt").is_file()  # none: it stopped before its first (diverged, interrupted)
+        go_on = f"continue it with --resume {run_dir}" if ckpt else "it has no checkpoint, so delete it"
+        fail(f"--run-dir {run_dir} already holds a run: {go_on}, or pick another")
 
 
 def hold_run_dir(run_dir, resume):
@@ -392,23 +400,28 @@ def load_checkpoint(run_dir, args, world, device):
     return ckpt
 
 
-def save_checkpoint(obj, path):
-    """Atomic: a kill at any moment leaves the previous file whole; a failed write (a full disk) leaves no temp file
-    and ends the run with one line. A Ctrl-C or SIGTERM during the write is held until the file is whole (raised in
-    torch.save's write callback, it would break the file and read as a failed write)."""
-    tmp, held = path.with_name(path.name + ".tmp"), []
+def save_checkpoint(files):
+    """Files ({path: object}) written in that order, each atomically: a kill at any moment leaves each file whole, the
+    previous one or the new one; a failed write (a full disk) leaves no temp file and ends the run with one line. A
+    Ctrl-C or SIGTERM during the writes is held until the last file is whole (raised in torch.save's write callback,
+    it would break the file and read as a failed write)."""
+    held = []
     handlers = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            fail(f"cannot write {path} ({' '.join(str(e).split())[:100]}): the previous one is kept; free space")
-        raise
+        for path, obj in files.items():
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(obj, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException as e:
+                tmp.unlink(missing_ok=True)
+                if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+                    why = " ".join(str(e).split())[:100]
+                    fail(f"cannot write {path} ({why}): the previous one is kept; free space")
+                raise
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
@@ -446,11 +459,18 @@ def inference_model(ema_model, args, info, step):
     return {**out, "script": METHOD, "step": step}
 
 
+def hms(seconds):
+    """A duration as H:MM:SS, past 24 hours too (a default run on a CPU takes days)."""
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def check_finite(step, values, run_dir):
     """Divergence: stop before a non-finite value is logged or saved; one line, exit code 3."""
     for k, v in values.items():
         if not math.isfinite(v):
-            why = f"diverged by step {step}: {k} is {v}; nothing of it was saved, {run_dir} keeps the last checkpoint"
+            kept = "keeps the last checkpoint" if (run_dir / "checkpoint.pt").is_file() else "holds no checkpoint yet"
+            why = f"diverged by step {step}: {k} is {v}; nothing of it was saved, {run_dir} {kept}"
             print(f"{METHOD}.py: error: {why} (a new run with a lower --lr may not diverge)", file=sys.stderr)
             leave(3)
 
@@ -481,9 +501,12 @@ if __name__ == "__main__":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # DISTRIBUTED: on several machines, as many of them
             nodes = f" --nnodes={world // local} <your rendezvous flags>" if world > local else ""
             launch = f"torchrun{nodes} --nproc_per_node={local}" if world > 1 else "python"
-            how = f"continue with: {launch} {METHOD}.py --resume {run_dir}"
+            how = f"continue with: {launch} {METHOD}.py --resume {shlex.quote(str(run_dir))}"
+        elif run_dir.is_dir() and any(p.suffix != ".tmp" for p in run_dir.iterdir()):  # a run's files, no checkpoint
+            how += f": delete {run_dir} to start it again"
         if rank == 0:  # DISTRIBUTED: every rank gets the signal, rank 0 alone says it
-            print(f"{METHOD}.py: interrupted at step {globals().get('step', 0)}; {how}", file=sys.stderr)
+            at = globals().get("step", ckpt["step"] if ckpt else 0)  # before the first step: the checkpoint's
+            print(f"{METHOD}.py: interrupted at step {at}; {how}", file=sys.stderr)
         leave(130)
 
     signal.signal(signal.SIGINT, interrupted)
@@ -698,7 +721,7 @@ if __name__ == "__main__":
             if rank == 0:  # DISTRIBUTED
                 log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
             text = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
-            eta = time.strftime("%H:%M:%S", time.gmtime((args.total_steps - step) / its))
+            eta = hms((args.total_steps - step) / its)
             print(f"step {step:>7}/{args.total_steps} | {text} | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
         if (step % args.eval_every == 0 or step == args.total_steps) and rank == 0:  # DISTRIBUTED: rank 0 alone
             acc, loss_eval, acc_raw = evaluate(ema_model, model, data.x_test, data.y_test, info, autocast)
@@ -716,14 +739,15 @@ if __name__ == "__main__":
                 ckpt = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
                 ckpt.update(step=step, args=vars(args), best_acc=best_acc, script=METHOD, data=sizes)
                 ckpt.update(rng_cpu=[r[0] for r in rng], rng_cuda=[r[1] for r in rng])
-                save_checkpoint(ckpt, run_dir / "checkpoint.pt")
-                save_checkpoint(inference_model(ema_model, args, info, step), run_dir / "model.pt")
+                inference = inference_model(ema_model, args, info, step)
+                # model.pt first: a checkpoint of the last step finds it there (a kill between the two redoes both)
+                save_checkpoint({run_dir / "model.pt": inference, run_dir / "checkpoint.pt": ckpt})
         if step % args.log_every == 0 or step % args.eval_every == 0 or save:
             t_last, step_last = time.perf_counter(), step  # it/s leaves out evaluation and saving
     if writer:
         writer.close()
     if rank == 0:
-        elapsed = time.strftime("%H:%M:%S", time.gmtime(time.perf_counter() - t_start))
+        elapsed = hms(time.perf_counter() - t_start)
         print(f"done: step {step} | eval acc {acc:.2f} (best {best_acc:.2f}) | {elapsed} | {run_dir}", flush=True)
     if world > 1:  # DISTRIBUTED: every rank done (rank 0 may still be saving) before the group goes
         dist.barrier()

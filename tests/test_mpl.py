@@ -440,6 +440,38 @@ def test_finetuning_must_leave_an_mpl_phase(data_dir, tmp_path, capsys):
     assert "--finetune-steps 3 must be below --total-steps 3" in err and not (tmp_path / "run").exists()
 
 
+def test_a_resume_keeps_the_side_of_the_mpl_phases_end_its_checkpoint_is_on(data_dir, tmp_path, capsys):
+    """A run finetuning since step 4 (--total-steps 6 --finetune-steps 2), continued with a larger --total-steps
+    alone, went back to MPL steps on the finetuned student and then finetuned a second time from the EMA: refused in
+    one line, with nothing written. Grown by as much as --total-steps, --finetune-steps continues the finetuning. A
+    checkpoint in the MPL phase (step 4 of a run without finetuning) cannot have the phase end before it either."""
+    args = [*TINY, "--data-dir", data_dir, "--mu", 1, "--save-every", 2]
+    finetuning, mpl_phase = tmp_path / "finetuning", tmp_path / "mpl_phase"
+    run_inprocess("mpl.py", *args, "--total-steps", 6, "--finetune-steps", 2, "--run-dir", finetuning)
+    run_inprocess("mpl.py", *args, "--total-steps", 4, "--run-dir", mpl_phase)
+    before = {d: sorted((f.name, f.stat().st_mtime_ns) for f in d.iterdir()) for d in (finetuning, mpl_phase)}
+    refusals = [
+        (finetuning, ["--total-steps", 8], "it finetunes since step 4: keep --total-steps - --finetune-steps = 4"),
+        (finetuning, ["--total-steps", 8, "--finetune-steps", 6], "finetunes since step 4"),
+        (mpl_phase, ["--total-steps", 6, "--finetune-steps", 3], "its step 4 is in the MPL phase"),
+    ]
+    for run_dir, more, says in refusals:
+        with pytest.raises(SystemExit) as exit_info:
+            run_inprocess("mpl.py", "--resume", run_dir, *more)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and says in err, err
+    assert before == {d: sorted((f.name, f.stat().st_mtime_ns) for f in d.iterdir()) for d in (finetuning, mpl_phase)}
+    run_inprocess("mpl.py", "--resume", finetuning, "--total-steps", 8, "--finetune-steps", 4)
+    assert [(r["step"], "losses/finetune" in r) for r in rows(finetuning) if "losses/total" in r] == [
+        (2, False),
+        (4, False),
+        (6, True),
+        (8, True),
+    ]
+    run_inprocess("mpl.py", "--resume", mpl_phase, "--total-steps", 6, "--finetune-steps", 2)
+    assert checkpoint(mpl_phase)["step"] == 6 and checkpoint(mpl_phase)["teacher_scheduler"]["last_epoch"] == 4
+
+
 def test_start_up_note_when_the_uda_weight_comes_too_early(data_dir, tmp_path, capsys):
     """The reference's weight 8 ramped over a short --uda-steps trains the teacher on its own guesses
     before it has learned from its labels: the script says so once at start-up, and not with weight 1."""

@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import runpy
+import shlex
 import shutil
 import signal
 import subprocess
@@ -67,7 +68,7 @@ def copy(runs, script, tmp_path):
 BAD_VALUES = {
     "--lr": (["-0.1", "0", "nan", "1e39"], "argument --lr: must be positive and at most 3.4e38 (float32)"),
     "--weight-decay": (["-1", "inf", "1e39"], "argument --weight-decay: must be >= 0 and at most 3.4e38 (float32)"),
-    "--momentum": (["1", "-0.5"], "argument --momentum: must be in [0, 1)"),
+    "--momentum": (["1", "0", "-0.5"], "argument --momentum: must be in (0, 1)"),  # 0: Nesterov SGD refuses it
     "--ema-decay": (["2", "-1"], "argument --ema-decay: must be in [0, 1]"),
     "--bn-momentum": (["5", "0"], "argument --bn-momentum: must be in (0, 1]"),
     "--device": (["cpux", "gpu", "meta"], "is not a device these scripts run on: use cpu, cuda or cuda:N"),
@@ -280,6 +281,65 @@ def test_more_distinct_unlabeled_rows_a_step_than_there_are_is_one_line(script, 
     run_inprocess(script, *args, "--mu", 25, "--run-dir", tmp_path / "ok")
 
 
+def test_switches_a_resumed_run_turned_on_turn_off_next_to_resume(runs, capsys, tmp_path):
+    """A run made on a GPU with --cuda-graph and --compile-augment (so its args.json says), evaluated on a CPU: each
+    line names the way on, and --no-cuda-graph --no-compile-augment turn the saved switches off (a switch saved as
+    true could not be turned off: --no-cuda-graph was an unrecognized argument)."""
+    run_dir = copy(runs, "supervised.py", tmp_path)
+    saved = json.loads((run_dir / "args.json").read_text())
+    gpu = {"device": "cuda", "amp": "bf16", "cuda_graph": True, "compile_augment": True}
+    (run_dir / "args.json").write_text(json.dumps({**saved, **gpu}))
+    on_cpu = ["--resume", run_dir, "--eval-only", "--device", "cpu"]
+    assert "use --device cpu" in refused(capsys, "supervised.py", *on_cpu[:3])
+    assert "drop it (--no-cuda-graph on a resume)" in refused(capsys, "supervised.py", *on_cpu)
+    assert "(--no-compile-augment on a resume)" in refused(capsys, "supervised.py", *on_cpu, "--no-cuda-graph")
+    run_inprocess("supervised.py", *on_cpu, "--no-cuda-graph", "--no-compile-augment", "--amp", "none", exit_ok=True)
+    assert f"supervised | {run_dir} | step 6 | eval acc" in capsys.readouterr().out
+
+
+def test_durations_past_a_day_keep_their_hours():
+    """The eta and the elapsed time: 25 hours read 25:00:00 (time.strftime's %H wrapped them to 01:00:00; a default
+    run on a CPU takes days), and an eta of 1e18 s (a huge --total-steps) is a number (time.gmtime overflowed)."""
+    import supervised
+
+    hours = [supervised.hms(s) for s in (0, 59.9, 3661, 25 * 3600, 1e18)]
+    assert hours == ["0:00:00", "0:00:59", "1:01:01", "25:00:00", f"{10**18 // 3600}:46:40"]
+
+
+def test_ctrl_c_before_a_resumes_first_step_names_its_step_and_a_command_a_shell_runs(
+    runs, capsys, monkeypatch, tmp_path
+):
+    """Ctrl-C while a resume loads its data: the line names the checkpoint's step (it said step 0), and its command,
+    pasted into a shell, resumes a run dir whose name holds a space (the path was not quoted: two arguments)."""
+    run_dir, load = Path(shutil.copytree(runs / "supervised.py", tmp_path / "my run")), common.load_ssl_data
+
+    def ctrl_c(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(common, "load_ssl_data", ctrl_c)
+    err = refused(capsys, "supervised.py", "--resume", run_dir, "--total-steps", 8, code=130)
+    assert "interrupted at step 6; continue with: python supervised.py --resume" in err
+    assert shlex.split(err.split("continue with: ")[1]) == ["python", "supervised.py", "--resume", str(run_dir)]
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_to_delete_the_run_dir(data_dir, capsys, monkeypatch, tmp_path):
+    """Stopped at its first step, a run leaves its start files and no checkpoint: neither --resume nor the same command
+    goes on there (both refuse the dir), so the line says to delete it (it said "nothing to resume" alone)."""
+    run_dir, real = tmp_path / "run", torch.nn.functional.cross_entropy
+
+    def ctrl_c(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", ctrl_c)
+    err = refused(capsys, "supervised.py", *SMALL, "--data-dir", data_dir, "--run-dir", run_dir, code=130)
+    assert err.endswith(
+        f"interrupted at step 1; no checkpoint yet, nothing to resume: delete {run_dir} to start it again"
+    )
+    assert (run_dir / "args.json").exists() and not (run_dir / "checkpoint.pt").exists()
+
+
 def test_no_checkpoint_is_no_silent_restart(runs, capsys, tmp_path):
     run_dir = copy(runs, "supervised.py", tmp_path)
     (run_dir / "checkpoint.pt").unlink()
@@ -352,18 +412,24 @@ def test_divergence_stops_before_saving_and_logs_no_nan(where, data_dir, capsys,
         code=3,
     )
     assert f"diverged by step {4 if where == 'log' else 3}: losses/total is nan" in err
+    assert f"nothing of it was saved, {run_dir} holds no checkpoint yet" in err  # it said "keeps the last checkpoint"
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "model.pt").exists()
     evals = [r for r in strict_rows(run_dir) if "eval/acc" in r]
     assert [r["step"] for r in evals] == [2] and evals[0]["eval/loss"] is None
+    monkeypatch.undo()  # the same command again: the dir is no run to resume (it said "continue it with --resume")
+    again = refused(capsys, "supervised.py", *TINY, "--data-dir", data_dir, "--run-dir", run_dir)
+    assert again.endswith(
+        f"--run-dir {run_dir} already holds a run: it has no checkpoint, so delete it, or pick another"
+    )
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, capsys, monkeypatch, tmp_path):
     run_dir = tmp_path / "run"
     real_save, calls = torch.save, []
 
-    def save(obj, f, *a, **k):  # the third save (step 4's checkpoint) finds the disk full half way
+    def save(obj, f, *a, **k):  # the fourth save (step 4's checkpoint, after its model.pt) finds the disk full
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             f.write(b"partial")
             raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
         return real_save(obj, f, *a, **k)
@@ -502,9 +568,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_a_save_waits_for_the_file(signum, data_dir, tmp_path):
-    """The signal arrives inside torch.save's writes of the first checkpoint: the file is finished, then the run
-    stops as on any Ctrl-C (exit 130, one line). Raised inside the write callback, it broke the file and read as a
-    failed write ("cannot write ... free space", exit 2)."""
+    """The signal arrives inside torch.save's writes of the first save (model.pt, then checkpoint.pt): both files are
+    finished, then the run stops as on any Ctrl-C (exit 130, one line). Raised inside the write callback, it broke the
+    file and read as a failed write ("cannot write ... free space", exit 2). Held over the checkpoint alone, it stopped
+    the run before model.pt: at the last step, a run that --resume then found finished, without its model.pt."""
     driver, run_dir = tmp_path / "driver.py", tmp_path / "run"
     driver.write_text(SIGNAL_IN_SAVE_DRIVER)
     cmd = [sys.executable, driver, ROOT / "supervised.py", *TINY, "--data-dir", data_dir, "--run-dir", run_dir]
@@ -520,6 +587,7 @@ def test_a_signal_during_a_save_waits_for_the_file(signum, data_dir, tmp_path):
     assert proc.returncode == 130 and len(err.splitlines()) == 1, err
     assert f"interrupted at step 2; continue with: python supervised.py --resume {run_dir}" in err
     assert checkpoint(run_dir)["step"] == 2 and not list(run_dir.glob("*.tmp"))
+    assert torch.load(run_dir / "model.pt", weights_only=True)["step"] == 2
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler or torchrun stopping the run
