@@ -69,7 +69,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts import ROOT, SCRIPTS, check_scripts, fail, parser, positive
+from scripts import ROOT, SCRIPTS, check_scripts, check_writable, fail, parser, positive
 
 # Rows of the table: name -> (script, extra flags). maxl_single is MAXL without its auxiliary task.
 RUNS = {Path(script).stem: (script, []) for script in SCRIPTS} | {"maxl_single": ("maxl.py", ["--aux-weight", "0"])}
@@ -535,6 +535,7 @@ def parse_args(argv=None):
         script_dataset="mnist" if args.dataset == "digits" else args.dataset,
         data_dir=str(work_dir / "data") if args.dataset == "digits" else str(Path(args.data_dir or "./data").resolve()),
     )
+    check_writable("--out-dir", cfg["out_dir"], folder=True)
     return cfg
 
 

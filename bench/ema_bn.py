@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 from convergence import OFFLINE, RUNS, is_complete, machine_line, mean_std, read_metrics, script_args
-from scripts import ROOT, fail, parser, positive
+from scripts import ROOT, check_writable, fail, parser, positive
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -159,21 +159,25 @@ def summary(rows, from_step):
     return out
 
 
-def row_names(run_dirs):
+def row_names(run_dirs, saved):
     """Each run's row: the name of its parent folder (convergence.py's row), or that folder's whole path where runs
-    of two work dirs share the name, so that their seeds are not averaged together."""
+    of two work dirs share the name, with the run's script and label count (from its args.json, `saved`) beside it
+    where the runs of one row differ in them: a row averages the seeds of one configuration alone."""
     parents = {}
     for run_dir in run_dirs:
         parents.setdefault(run_dir.parent.name, set()).add(run_dir.parent.resolve())
-    return [d.parent.name if len(parents[d.parent.name]) == 1 else str(d.parent) for d in run_dirs]
+    names = [d.parent.name if len(parents[d.parent.name]) == 1 else str(d.parent) for d in run_dirs]
+    runs = [(s.get("script"), s["num_labels"]) for s in saved]
+    mixed = {n for n in names if len({r for m, r in zip(names, runs) if m == n}) > 1}
+    return [f"{n} ({r[0]}.py, {r[1]} labels)" if n in mixed else n for n, r in zip(names, runs)]
 
 
 def final_checkpoints(args):
     """--runs: the five accuracies of each finished run's last checkpoint; writes <out>.md and <out>.json."""
     device = torch.device(args.device)
     rows, loaded = [], {}
-    for run_dir, name in zip(args.runs, row_names(args.runs)):
-        saved = json.loads((run_dir / "args.json").read_text())
+    runs_args = [json.loads((run_dir / "args.json").read_text()) for run_dir in args.runs]
+    for run_dir, saved, name in zip(args.runs, runs_args, row_names(args.runs, runs_args)):
         key = (saved["dataset"], saved["data_dir"], saved["num_labels"], saved["seed"])
         if key not in loaded:
             try:
@@ -259,15 +263,19 @@ def parse_args(argv=None):
         if args.out is None:
             fail("--runs needs --out")
         args.out = Path(args.out).resolve()
+        check_writable("--out", args.out)
         return args
     args.stop_step = args.stop_step or args.total_steps
     if args.stop_step > args.total_steps or args.stop_step % args.every:
         fail(f"--stop-step {args.stop_step}: a multiple of --every {args.every}, at most --total-steps")
+    if args.from_step > args.stop_step:
+        fail(f"--from-step {args.from_step}: past the last checkpoint (step {args.stop_step}), so no row to summarise")
     tag = f"{args.script}_{args.dataset}_{args.num_labels}_{args.seed}"
     args.work_dir = Path(args.work_dir or ROOT / "runs" / "bench_ema_bn" / tag).resolve()
     args.out = Path(args.out or ROOT / "bench" / "results" / f"ema_bn_{tag}").resolve()
     if args.work_dir.exists():
         fail(f"--work-dir {args.work_dir} exists: delete it or choose another")
+    check_writable("--out", args.out)
     return args
 
 

@@ -55,7 +55,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from scripts import ROOT, SCRIPTS, check_scripts, fail, flat, parser, positive
+from scripts import ROOT, SCRIPTS, check_scripts, check_writable, fail, flat, parser, positive
 from throughput import _median_seconds, machine_lines, measure_script, run_script
 
 sys.path.insert(0, str(ROOT))
@@ -534,6 +534,7 @@ def main():
         fail(f"--steps {args.steps} must be at least 2 x --log-every {args.log_every}: the first interval is warm-up")
     name, extra = gpu_lines()
     out = Path(args.out or ROOT / "bench" / "results" / f"gpu_check_{name.split()[-1] if ' ' in name else name}.md")
+    check_writable("--out", out)
     t0, checks, speed, aug, profiles, layers = time.perf_counter(), [], {}, None, [], None
     left = lambda: time.perf_counter() - t0 < args.budget  # noqa: E731
 

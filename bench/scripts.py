@@ -7,6 +7,7 @@ import fcntl
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -48,6 +49,30 @@ def positive(text):
 
 
 positive.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
+
+
+def nonnegative(text):
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+nonnegative.__name__ = "int"
+
+
+def check_writable(flag, path, folder=False):
+    """Before the work: the folder that will hold `path` (`path` itself where folder) can be made and written in, or
+    one line: a result found unwritable at the end is lost. Nothing is left behind."""
+    target = Path(path).resolve() if folder else Path(path).resolve().parent
+    there = next(d for d in (target, *target.parents) if d.exists())
+    if not there.is_dir():
+        fail(f"{flag} {path}: {there} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=there).close()
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write in {there} ({e.strerror})")
 
 
 def check_scripts(names, known, files=True):

@@ -12,11 +12,12 @@ and use all of it as the unlabeled pool. Refuses an --out that exists (it writes
 """
 
 import os
+import shutil
 import sys
 
 import numpy as np
 from fakedata import write_mnist_idx
-from scripts import ROOT, fail, parser, positive
+from scripts import ROOT, check_writable, fail, nonnegative, parser, positive
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -37,19 +38,26 @@ def choose(labels, per_class, seed):
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--per-class", type=positive, required=True, help="training images kept of each class")
-    p.add_argument("--seed", type=int, default=0, help="which images (numpy's default_rng)")
+    p.add_argument("--seed", type=nonnegative, default=0, help="which images (numpy's default_rng)")
     p.add_argument("--data-dir", default="./data", help="where the scripts find the whole dataset (as theirs)")
     p.add_argument("--out", required=True, help="a new folder: the subset's data dir")
     args = p.parse_args(argv)
+    if not args.out:
+        fail("--out '': give a new folder")
     if os.path.exists(args.out):
         fail(f"--out {args.out} exists: give a new folder")
+    check_writable("--out", args.out, folder=True)
     try:
         train_x, train_y, test_x, test_y, _ = common.load_dataset("fashion_mnist", args.data_dir)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     train_x, train_y, test_x, test_y = (t.numpy() for t in (train_x, train_y, test_x, test_y))
     keep = choose(train_y, args.per_class, args.seed)
-    write_mnist_idx(args.out, "FashionMNIST", train_x[keep], train_y[keep], test_x, test_y)
+    try:
+        write_mnist_idx(args.out, "FashionMNIST", train_x[keep], train_y[keep], test_x, test_y)
+    except OSError as e:  # a full disk: --out was new, so none of it is left
+        shutil.rmtree(args.out, ignore_errors=True)
+        fail(f"--out {args.out}: cannot write it ({e.strerror})")
     print(f"wrote {len(keep)} of {len(train_y)} training images and all {len(test_y)} test images to {args.out}")
 
 

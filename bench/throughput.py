@@ -55,7 +55,7 @@ import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
-from scripts import ROOT, SCRIPTS, as_its_own_process, check_scripts, fail, parser, positive
+from scripts import ROOT, SCRIPTS, as_its_own_process, check_scripts, check_writable, fail, parser, positive
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(ROOT))
@@ -443,6 +443,7 @@ def parse_args(argv=None):
     if args.num_labels % 10 or args.num_labels // 10 > args.train_size // 10:
         fail(f"--num-labels {args.num_labels} must be a multiple of 10 and at most --train-size {args.train_size}")
     args.out = Path(args.out or ROOT / "bench" / "results" / f"throughput_{args.device.split(':')[0]}_{args.preset}.md")
+    check_writable("--out", args.out)
     return args
 
 

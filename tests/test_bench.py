@@ -1,6 +1,7 @@
 """bench/: each benchmark runs in a tiny configuration, so it cannot rot, and its numbers are checked
 against the runs' own metrics.jsonl and against hand computations."""
 
+import errno
 import json
 import os
 import shutil
@@ -362,6 +363,7 @@ def test_convergence_reads_switches_when_it_checks_a_run_dirs_arguments(tmp_path
         ("convergence.py", ["--scripts", "nope"]),
         ("convergence.py", ["--total-steps", 0]),
         ("ema_bn.py", ["--every", 4, "--stop-step", 6]),
+        ("ema_bn.py", ["--total-steps", 8, "--every", 4, "--from-step", 9]),  # no row: a traceback after the run
         ("subset.py", ["--per-class", 0]),
         pytest.param("gpu_check.py", [], marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
     ],
@@ -517,6 +519,15 @@ def test_ema_bn_runs_evaluates_each_finished_runs_last_checkpoint(tmp_path, data
     assert [r["row"] for r in result["rows"]] == [str(runs[0].parent)] * 2 + [str(other.parent)]
     assert result["summary"][str(other.parent)]["ema"] == {"mean": result["rows"][0]["ema"], "std": None}
     assert result["summary"][str(runs[0].parent)]["ema_labeled"]["std"] is not None
+    # runs of two label counts or scripts in one folder: a row each (they were averaged as if seeds)
+    mixed = [
+        dict(script="pi_model", num_labels=20),
+        dict(script="pi_model", num_labels=40),
+        dict(script="uda", num_labels=20),
+    ]
+    named = ema_bn.row_names([tmp_path / "w" / n for n in ("20_0", "40_0", "uda_20_0")], mixed)
+    assert named == ["w (pi_model.py, 20 labels)", "w (pi_model.py, 40 labels)", "w (uda.py, 20 labels)"]
+    assert ema_bn.row_names([tmp_path / "w" / n for n in ("20_0", "20_1")], [mixed[0]] * 2) == ["w", "w"]
 
     (tmp_path / "empty").mkdir()
     capsys.readouterr()
@@ -711,3 +722,45 @@ def test_a_tools_help_opens_with_its_whole_first_paragraph(tool, capsys):
         module.main(["--help"]) if tool == "plot" else module.parser(module.__doc__).parse_args(["--help"])
     paragraph = " ".join(module.__doc__.split("\n\n")[0].split())
     assert e.value.code == 0 and paragraph.endswith(".") and paragraph in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("tool, flag", [("throughput", "--out"), ("ema_bn", "--out"), ("convergence", "--out-dir")])
+def test_an_output_that_cannot_be_written_is_one_line_before_the_work(tool, flag, capsys, monkeypatch, tmp_path):
+    """Checked with the arguments, not when the results are written at the end (throughput.py's measurements were lost
+    to a traceback there): a file in the path, and a read-only disk; nothing is left behind."""
+    module = __import__(tool)
+    (tmp_path / "file").write_text("")
+    work = ["--work-dir", str(tmp_path / "w")] if tool != "throughput" else []
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([flag, str(tmp_path / "file" / "out"), *work])
+    said = f": error: {flag} {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file, not a folder\n"
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(said)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", read_only)
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([flag, str(tmp_path / "new" / "out"), *work])
+    said = f": error: {flag} {tmp_path / 'new' / 'out'}: cannot write in {tmp_path} (Read-only file system)\n"
+    assert e.value.code == 2 and capsys.readouterr().err.endswith(said)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_subset_refuses_a_negative_seed_and_an_output_it_cannot_write_in_one_line(capsys, tmp_path):
+    """numpy's default_rng refuses a negative seed (its traceback), an --out under a file was NotADirectoryError's
+    traceback after the load, and an empty --out wrote into the working directory."""
+    import subset
+
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--seed", "-1", "--out", str(tmp_path / "a")], "argument --seed: must be >= 0, got -1"),
+        (["--out", str(tmp_path / "file" / "x")], f"--out {tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file"),
+        (["--out", ""], "--out '': give a new folder"),
+    ]
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as e:
+            subset.main(["--per-class", "1", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and ": error: " in err and said in err and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
