@@ -178,6 +178,7 @@ def parse_args(argv=None):
     args.width = args.width or (8 if args.dataset == "cifar100" else 2)
     args.depth = args.depth or (37 if args.dataset == "stl10" else 28)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    args.data_dir = os.path.abspath(args.data_dir)  # as args.json records it: a resume from another folder finds it
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"  # runs started in one second (a sweep): a dir each
     args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{stamp}"
     try:
@@ -451,7 +452,8 @@ if __name__ == "__main__":
     info = data.info
     sizes = [len(data.x_unlabeled), len(data.x_test), info.num_classes]  # the data a resume must find again
     if ckpt is not None and ckpt.get("data", sizes) != sizes:
-        fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, now {sizes})")
+        found = f"now {sizes} in {args.data_dir}"
+        fail(f"--resume {run_dir}: that run had other data ({ckpt['data']} unlabeled/test images/classes, {found})")
     split = run_dir / "labeled_indices.json"  # and the same labeled images
     try:
         saved_split = json.loads(split.read_text()) if ckpt is not None and split.is_file() else None
@@ -499,9 +501,10 @@ if __name__ == "__main__":
             for g in (g for v in state.values() if isinstance(v, torch.optim.Optimizer) for g in v.param_groups):
                 g["lr"] = torch.as_tensor(g["lr"], device=device)  # CUDA GRAPH: older checkpoints hold a float
             start_step, best_acc = ckpt["step"], ckpt["best_acc"]
-            torch.set_rng_state(ckpt["rng_cpu"][rank].cpu())
-            if device.type == "cuda":
-                torch.cuda.set_rng_state(ckpt["rng_cuda"][rank].cpu(), device)
+            if not args.eval_only:  # DISTRIBUTED: each rank's draws go on (an evaluation draws none: any process count)
+                torch.set_rng_state(ckpt["rng_cpu"][rank].cpu())
+                if device.type == "cuda":
+                    torch.cuda.set_rng_state(ckpt["rng_cuda"][rank].cpu(), device)
         except (KeyError, ValueError, RuntimeError) as e:  # another method's or network's state
             fail(f"--resume {run_dir}: its checkpoint does not fit this run ({' '.join(str(e).split())[:120]})")
     if args.eval_only:  # the checkpoint's models on the test set: one line, nothing written

@@ -379,6 +379,15 @@ def run_of_two(data_dir, tmp_path_factory):
     return out
 
 
+def test_eval_only_under_torchrun_evaluates_a_run_of_another_process_count(data_dir, tmp_path):
+    """--eval-only draws nothing, so any process count evaluates a run: 2 processes on a 1-process run print its one
+    line (rank 1 restored the RNG state of a rank the run did not have: IndexError's traceback, torchrun exit 1)."""
+    run_dir = tmp_path / "one"
+    run("supervised.py", *TINY, "--data-dir", data_dir, "--total-steps", 2, "--run-dir", run_dir)
+    proc = torchrun("supervised.py", "--resume", run_dir, "--eval-only")
+    assert proc.stdout.count(f"supervised | {run_dir} | step 2 | eval acc") == 1 and "Traceback" not in proc.stderr
+
+
 def test_checkpoint_that_does_not_fit_under_torchrun_is_one_line_and_exit_2(run_of_two, tmp_path):
     """The one bad-input check a resume reaches after the DDP wrap (the checkpoint's state does not load):
     every rank says it in one line and exits 2 (or torchrun ends it with SIGTERM once its peer has), none

@@ -340,6 +340,18 @@ def test_ctrl_c_before_the_first_checkpoint_says_to_delete_the_run_dir(data_dir,
     assert (run_dir / "args.json").exists() and not (run_dir / "checkpoint.pt").exists()
 
 
+def test_a_run_with_a_relative_data_dir_resumes_from_another_folder(data_dir, monkeypatch, tmp_path):
+    """args.json records --data-dir as an absolute path, so a resume from another working directory finds the data
+    (it looked for the relative path there: Debian's Fashion-MNIST unpacked into a new folder, then "other data")."""
+    monkeypatch.chdir(Path(data_dir).parent)
+    run_inprocess("supervised.py", *SMALL, "--data-dir", Path(data_dir).name, "--run-dir", tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["data_dir"] == str(data_dir)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_inprocess("supervised.py", "--resume", tmp_path / "run", "--total-steps", 8)
+    assert checkpoint(tmp_path / "run")["step"] == 8 and list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_no_checkpoint_is_no_silent_restart(runs, capsys, tmp_path):
     run_dir = copy(runs, "supervised.py", tmp_path)
     (run_dir / "checkpoint.pt").unlink()
