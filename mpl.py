@@ -462,7 +462,8 @@ if __name__ == "__main__":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # DISTRIBUTED: on several machines, as many of them
             nodes = f" --nnodes={world // local} <your rendezvous flags>" if world > local else ""
             launch = f"torchrun{nodes} --nproc_per_node={local}" if world > 1 else "python"
-            how = f"continue with: {launch} {METHOD}.py --resume {shlex.quote(str(run_dir))}"
+            started = shlex.quote(sys.argv[0])  # the script as it was started: the command runs where it did
+            how = f"continue with: {launch} {started} --resume {shlex.quote(str(run_dir))}"
         elif run_dir.is_dir() and any(p.suffix != ".tmp" for p in run_dir.iterdir()):  # a run's files, no checkpoint
             how += f": delete {run_dir} to start it again"
         if rank == 0:  # DISTRIBUTED: every rank gets the signal, rank 0 alone says it
