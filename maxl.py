@@ -341,6 +341,12 @@ def evaluate(ema_model, model, x_test, y_test, info, autocast, batch_size=1024):
     return 100 * acc, loss, 100 * acc_raw
 
 
+def holds_a_run(run_dir):
+    """A run's files are there: a start killed in its first write (kill -9, power loss) left only .tmp files, which
+    are no run (a new start writes those names again and renames them)."""
+    return run_dir.is_dir() and any(p.suffix != ".tmp" for p in run_dir.iterdir())
+
+
 def check_run_dir(run_dir, resume):
     """Before the data loads: the run dir can be written, and a new run does not overwrite an old one."""
     folder = next(d for d in (run_dir, *run_dir.parents) if d.exists())
@@ -350,7 +356,7 @@ def check_run_dir(run_dir, resume):
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         fail(f"--run-dir {run_dir}: cannot write in {folder} ({e.strerror})")
-    if not resume and run_dir.is_dir() and any(p.suffix != ".tmp" for p in run_dir.iterdir()):  # .tmp: see below
+    if not resume and holds_a_run(run_dir):
         ckpt = (run_dir / "checkpoint.pt").is_file()  # none: it stopped before its first (diverged, interrupted)
         go_on = f"continue it with --resume {run_dir}" if ckpt else "it has no checkpoint, so delete it"
         fail(f"--run-dir {run_dir} already holds a run: {go_on}, or pick another")
@@ -369,9 +375,7 @@ def hold_run_dir(run_dir, resume):
         return f"--run-dir {run_dir}: another process is running it now: let it end (or stop it), then --resume"
     except (ImportError, OSError):
         pass
-    # empty at check_run_dir: a run began there since (and has ended). A start killed in its first write (kill -9,
-    # power loss) left only .tmp files, which are no run: this start writes those names again and renames them
-    if not resume and any(p.suffix != ".tmp" for p in run_dir.iterdir()):
+    if not resume and holds_a_run(run_dir):  # none at check_run_dir: a run began there since (and has ended)
         return f"--run-dir {run_dir}: another run began there while this one started: pick another"
     return ""
 
@@ -504,7 +508,7 @@ if __name__ == "__main__":
             launch = f"torchrun{nodes} --nproc_per_node={local}" if world > 1 else "python"
             started = shlex.quote(sys.argv[0])  # the script as it was started: the command runs where it did
             how = f"continue with: {launch} {started} --resume {shlex.quote(str(run_dir))}"
-        elif run_dir.is_dir() and any(p.suffix != ".tmp" for p in run_dir.iterdir()):  # a run's files, no checkpoint
+        elif holds_a_run(run_dir):  # a run's files, no checkpoint: neither the same command nor --resume goes on
             how += f": delete {run_dir} to start it again"
         if rank == 0:  # DISTRIBUTED: every rank gets the signal, rank 0 alone says it
             at = globals().get("step", ckpt["step"] if ckpt else 0)  # before the first step: the checkpoint's

@@ -7,16 +7,11 @@ Left: eval/acc (solid: the evaluated EMA model; dotted: the raw model) of every 
 every run (log scale where all values are positive). A line cut by a kill is skipped; null values (see README) are gaps.
 """
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-
-def fail(message):
-    print(f"plot.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+from scripts import fail, parser
 
 
 def read_rows(run_dir):
@@ -68,8 +63,7 @@ def plot(run_dirs, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.error = fail
+    p = parser(__doc__)
     p.add_argument("run_dirs", nargs="+", help="run dirs (each holding a metrics.jsonl)")
     p.add_argument("--out", default="curves.png", help="the image to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
