@@ -21,17 +21,19 @@ Time: "train time" is the training time integrated from the logged train/it_per_
 steps / it/s). It leaves out evaluation, checkpoints and start-up, and stays right across a resume; the
 time axis of acc_vs_time.png uses it (at each evaluation, the mean over seeds). "wall time" is measured by
 this harness around each script's process (start-up, data loading and evaluation included; summed over
-resumed invocations, less any invocation killed together with the harness; a run started again from its first
-step starts from zero). "other CPUs busy" is the CPU time every other process used while the run's processes ran
-(the machine's, from /proc/stat, less the run's own) over the run's wall time: about 1 on 2 cores beside a second
-harness with OMP_NUM_THREADS=1. Times compare only between runs under the same load; "-" where it was not measured
-(no /proc/stat or getrusage, or a run begun before the harness measured it).
+resumed invocations, one stopped by Ctrl-C included, less any killed together with the harness by kill -9; a run
+started again from its first step starts from zero). "other CPUs busy" is the CPU time every other process used
+while the run's processes ran (the machine's, from /proc/stat, less the run's own) over the run's wall time: about
+1 on 2 cores beside a second harness with OMP_NUM_THREADS=1. Times compare only between runs under the same load;
+"-" where it was not measured (no /proc/stat or getrusage, or a run begun before the harness measured it).
 Resumable: a run whose metrics already hold the evaluation of its last step is skipped; a run dir left
 by an interrupted run is continued with the script's --resume (exact, see README), or started again if
 the run was killed before its first checkpoint; a run dir made with other arguments stops the harness
 with a message. So the work can be split (--scripts, --label-counts,
 --seeds) over several harnesses sharing one --work-dir; a last call over everything, with every run
-complete, writes the whole table.
+complete, writes the whole table. Ctrl-C (or SIGTERM) stops the harness and the run under way, whose own line
+on where it stopped is in its log: the same command goes on. Each run is in its own session, so a kill -9 of the
+harness alone leaves the run under way going to its end; `pkill -f <work dir>` stops it too.
 
 Offline budget (digits or fashion_mnist): every script at one budget: label counts 20 and 50, seeds 0, 1
 and 2, WRN-10-2, labeled batch 16, mu 3, BatchNorm momentum 0.1 (the references' 0.001 averages over more
@@ -63,13 +65,14 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from scripts import ROOT, SCRIPTS, check_scripts, check_writable, fail, parser, positive
+from scripts import ROOT, SCRIPTS, check_scripts, check_writable, fail, once, parser, positive
 
 # Rows of the table: name -> (script, extra flags). maxl_single is MAXL without its auxiliary task.
 RUNS = {Path(script).stem: (script, []) for script in SCRIPTS} | {"maxl_single": ("maxl.py", ["--aux-weight", "0"])}
@@ -234,27 +237,56 @@ def run_one(name, labels, seed, cfg):
     measure_other = other_path.is_file() or not wall_path.is_file()  # not for a run begun before it was measured
     log_path.parent.mkdir(parents=True, exist_ok=True)
     machine_before, own_before, start = machine_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
-    with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
-        log.write(proc.stderr)
+    with open(log_path, "ab") as log:  # the run's stdout and stderr as it writes them: a kill loses none of it
+        begin = log.tell()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        returncode, stopped_by = wait_passing_signals_on(proc)
     wall = time.perf_counter() - start
     machine_after, own_after = machine_cpu_seconds(), children_cpu_seconds()
     wall_path.write_text(str(logged_seconds(wall_path) + wall))
     if measure_other and None not in (machine_before, machine_after, own_before, own_after):
         other = machine_after - machine_before - (own_after - own_before)
         other_path.write_text(str(logged_seconds(other_path) + max(0.0, other)))
-    if proc.returncode == 2:  # bad arguments or missing data: every other run would fail the same way
-        fail(
-            f"{script} refused to run: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'exit code 2'}"
-        )
-    if proc.returncode != 0 or not is_complete(run_dir):
+    if stopped_by:
+        stopped(f"during {name} {labels} labels seed {seed} (its log: {log_path})", stopped_by)
+    if returncode == 2:  # bad arguments or missing data: every other run would fail the same way
+        said = log_path.read_bytes()[begin:].decode(errors="replace").strip()
+        fail(f"{script} refused to run: {said.splitlines()[-1] if said else 'exit code 2'}")
+    if returncode != 0 or not is_complete(run_dir):
         print(
-            f"{name} {labels} labels seed {seed}: FAILED (exit {proc.returncode}); see {log_path}",
+            f"{name} {labels} labels seed {seed}: FAILED (exit {returncode}); see {log_path}",
             file=sys.stderr,
             flush=True,
         )
         return None
     return run_dir
+
+
+def wait_passing_signals_on(proc):
+    """(exit code, None) of a run, or (exit code, signal) where Ctrl-C, SIGTERM or a hangup reached this harness
+    meanwhile. The run is in its own session, so a terminal's Ctrl-C reaches the harness alone, which passes each
+    signal's first on to the run once: the run stops as at its own Ctrl-C (its log says so) and is waited for."""
+    got = []
+
+    def pass_on(signum, frame):
+        if not got:
+            proc.send_signal(signum)
+        got.append(signum)
+
+    handlers = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        returncode = proc.wait()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return returncode, got[0] if got else None
+
+
+def stopped(where, signum):
+    """Ctrl-C, SIGTERM or a hangup: one line, and the shell's exit code for the signal. Runs finished are kept and
+    the one under way resumes from its last checkpoint, so the same command goes on."""
+    print(f"convergence.py: interrupted {where}; run the same command to go on", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def logged_seconds(path):
@@ -523,6 +555,8 @@ def parse_args(argv=None):
     check_scripts(args.scripts, {name: script for name, (script, _) in RUNS.items()})
     if not cfg["label_counts"] or not cfg["seeds"]:
         fail("--label-counts and --seeds need at least one value each")
+    once("--label-counts", cfg["label_counts"])
+    once("--seeds", cfg["seeds"])
     work_dir = Path(args.work_dir or ROOT / "runs" / "bench_convergence" / args.dataset).resolve()
     cfg.update(
         dataset=args.dataset,
@@ -574,4 +608,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside a run (importing, writing the table): nothing to pass on
+        stopped("between runs", signal.SIGINT)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 from convergence import OFFLINE, RUNS, is_complete, machine_line, mean_std, read_metrics, script_args
-from scripts import ROOT, check_writable, fail, parser, positive
+from scripts import ROOT, check_writable, fail, once, parser, positive
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -257,6 +257,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", nargs="+", type=Path, default=None, help="finished run dirs: their last checkpoints")
     args = p.parse_args(argv)
     if args.runs:
+        once("--runs", [r.resolve() for r in args.runs])
         unfinished = [str(r) for r in args.runs if not is_complete(r) or not (r / "checkpoint.pt").is_file()]
         if unfinished:
             fail(f"--runs: not a finished run with its checkpoint: {' '.join(unfinished)}")

@@ -529,7 +529,7 @@ def main():
     if not torch.cuda.is_available():
         fail("needs CUDA: this checks CUDA graphs on a GPU")
     check_scripts(args.scripts, SCRIPTS)
-    check_scripts(args.profile, SCRIPTS)
+    check_scripts(args.profile, SCRIPTS, flag="--profile")
     if args.steps < 2 * args.log_every:
         fail(f"--steps {args.steps} must be at least 2 x --log-every {args.log_every}: the first interval is warm-up")
     name, extra = gpu_lines()

@@ -75,14 +75,23 @@ def check_writable(flag, path, folder=False):
         fail(f"{flag} {path}: cannot write in {there} ({e.strerror})")
 
 
-def check_scripts(names, known, files=True):
-    """--scripts: every name known and, with files, each script present in the repository."""
+def check_scripts(names, known, files=True, flag="--scripts"):
+    """--scripts (or `flag`): every name known and named once and, with files, each script present in the repository."""
     unknown = [s for s in names if s not in known]
     if unknown:
-        fail(f"--scripts: unknown {' '.join(unknown)}; choose from {' '.join(known)}")
+        fail(f"{flag}: unknown {' '.join(unknown)}; choose from {' '.join(known)}")
+    once(flag, names)
     missing = sorted({known[s] if isinstance(known, dict) else s for s in names} - {p.name for p in ROOT.glob("*.py")})
     if files and missing:
-        fail(f"--scripts: {' '.join(missing)} not found in {ROOT}")
+        fail(f"{flag}: {' '.join(missing)} not found in {ROOT}")
+
+
+def once(flag, values):
+    """A list flag's values each given once, or one line: a repeat is a slip (a row run twice, a mean over a seed
+    counted twice)."""
+    twice = list(dict.fromkeys(v for i, v in enumerate(values) if v in values[:i]))
+    if twice:
+        fail(f"{flag}: {' '.join(map(str, twice))} given twice")
 
 
 def flat(state, prefix=""):

@@ -4,6 +4,7 @@ against the runs' own metrics.jsonl and against hand computations."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -244,17 +245,23 @@ def test_convergence_tiny_resumes_and_reports_what_the_runs_logged(tmp_path):
         "--out-dir",
         str(out),
     ]
-    # the harness killed (with its child) as soon as the first run writes its first checkpoint
+    # Ctrl-C in the harness's terminal (its process group) as soon as the first run writes its first checkpoint:
+    # the run stops as at its own Ctrl-C, its line kept in its log, and the harness says one line
     first = work / "uda" / "20_0"
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, cwd=ROOT, env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     while not (first / "checkpoint.pt").exists() and proc.poll() is None:
         time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    log = work / "logs" / "uda_20_0.log"
+    assert proc.stderr.read().splitlines() == [
+        f"convergence.py: interrupted during uda 20 labels seed 0 (its log: {log}); run the same command to go on"
+    ]
+    assert re.search(rf"uda.py: interrupted at step \d+; continue with: .* --resume {first}\n", log.read_text())
     assert torch.load(first / "checkpoint.pt", weights_only=True)["step"] < 12, (
-        "the run ended before the kill: proves nothing"
+        "the run ended before the interrupt: proves nothing"
     )
 
     proc = subprocess.run(cmd, cwd=ROOT, env=OFFLINE, capture_output=True, text=True, timeout=600)
@@ -373,6 +380,35 @@ def test_bad_input_is_one_line_exit_2(tool, args, tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"{tool}: error: ")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "tool, args, why",
+    [
+        ("convergence", ["--scripts", "uda", "mpl", "uda"], "--scripts: uda given twice"),
+        ("convergence", ["--seeds", 0, 1, 0, 1, 0], "--seeds: 0 1 given twice"),
+        ("convergence", ["--label-counts", 40, 40], "--label-counts: 40 given twice"),
+        ("throughput", ["--scripts", "uda.py", "uda.py"], "--scripts: uda.py given twice"),
+        ("ema_bn", ["--runs", "runs/x", "runs/../runs/x", "--out", "o"], "--runs: "),
+    ],
+)
+def test_a_list_flag_given_a_value_twice_is_one_line(tool, args, why, capsys):
+    """A row run twice, or a seed counted twice in a mean: refused before any work."""
+    with pytest.raises(SystemExit) as e:
+        __import__(tool).parse_args([*map(str, args), "--device", "cpu"][: None if tool != "ema_bn" else -2])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and why in err and "given twice" in err, err
+
+
+def test_convergence_passes_on_a_scripts_refusal_in_one_line(tmp_path):
+    proc = bench(
+        "convergence.py",
+        *["--scripts", "supervised", "--label-counts", 7, "--seeds", 0, "--device", "cpu"],
+        *["--work-dir", tmp_path / "work", "--out-dir", tmp_path / "out"],
+        timeout=120,
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("convergence.py: error: supervised.py refused to run: ") and "7" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------ subset
