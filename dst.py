@@ -18,9 +18,10 @@ coefficient warms up with the number k of optimizer steps already taken:
     lambda_k = 2 (hi - lo) / (1 + exp(-alpha_R k / N)) - (hi - lo) + lo      (5) warm start
 The equation numbers are this file's (docs/dst.md); the formulas are those of the authors' code (tllib).
 
-Recipe: supervised.py's, with mu 7, tau 0.9, lambda 1, eta 0.3, eta' 2, hi 0.1, lo 0, alpha_R 1, N = K / 10 (on
-STL-10: tau 0.95, eta 0.1, eta' 1, N = 0.3 K), and the heads of the code behind DST's numbers: tllib, branch dev-ssl,
-commit bb3e9af, projects/dst, the commands of its dst.sh (its argparse defaults, tau 0.95, are not what it ran).
+Recipe: supervised.py's, with K = 1M steps (not 2^20), mu 7, tau 0.9, lambda 1, eta 0.3, eta' 2, hi 0.1, lo 0,
+alpha_R 1, N = K / 10 (on STL-10: tau 0.95, eta 0.1, eta' 1, N = 0.3 K), and the heads of the code behind DST's
+numbers: tllib, branch dev-ssl, commit bb3e9af, projects/dst, the commands of its dst.sh (its argparse defaults, tau
+0.95, are not what it ran).
 
 Differs from that code:
     - log(1 - p) in (3) is exact (a difference of two logsumexp); tllib caps the term at -log(1e-6) = 13.8.
@@ -209,7 +210,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="a run dir to continue exactly, with its args.json")
     p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate its checkpoint, write nothing")
     p.add_argument("--tensorboard", **switch, help="also log to TensorBoard")
-    # ALGO LOGIC: algorithm specific
+    # ALGO LOGIC: algorithm specific (K: tllib's --train-iterations, 1M, not FixMatch's 2^20: N = 0.1 K is its 100k)
+    p.set_defaults(total_steps=1_000_000)
     p.add_argument("--threshold", type=unit, default=None, help="tau, a pseudo label's confidence: 0.9, 0.95 on stl10")
     p.add_argument("--pseudo-weight", type=nonnegative, default=1.0, help="lambda: the weight of the pseudo loss (2)")
     p.add_argument("--worst-weight", type=nonnegative, default=None, help="eta, the weight of (3): 0.3, 0.1 on stl10")

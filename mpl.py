@@ -21,6 +21,8 @@ grad_T E[CE_l(theta_S')] = E[(CE_l(theta_S') - c) grad_T log p_T(yhat)]; with c 
 = -grad_T CE(yhat, z_T) this is E[h grad_T CE(yhat, z_T)]. To first order h = eta_S grad CE_l . grad L_S, the
 paper's dot product. Descending h CE(yhat, z_T) makes yhat more likely when h > 0 (it lowered the student's labeled
 loss) and less likely when h < 0; the moving baseline b is a second control variate (h > 0: "helped more than lately").
+The derivation draws yhat from p_T; the script takes the argmax, as kekmodel does (docs/mpl.md), so the estimate is
+biased: an offset left in h would make the teacher surer (or less sure) of its argmax, whatever it helped.
 
 Recipe (kekmodel/MPL-pytorch, CIFAR-10 4000 labels: 96.01 %, 96.08 % finetuned; 96.11 % in the paper): WRN-28-2
 teacher and student, dropout 0.2 before the classifier, SGD nesterov 0.9, lr 0.05 for both, weight decay 5e-4,

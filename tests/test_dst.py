@@ -286,6 +286,7 @@ def test_the_recipe_is_that_of_the_commands_behind_the_published_numbers(runs):
     for dataset in ("cifar10", "cifar100", "svhn", "mnist"):
         assert recipe("--dataset", dataset) == dict(threshold=0.9, worst_weight=0.3, eta_prime=2.0, grl_warmup=0.1)
     assert recipe("--dataset", "stl10") == dict(threshold=0.95, worst_weight=0.1, eta_prime=1.0, grl_warmup=0.3)
+    assert dst.parse_args(["--run-dir", "unused"]).total_steps == 1_000_000  # tllib's --train-iterations
     given = recipe("--dataset", "stl10", "--threshold", "0.8", "--grl-warmup", "0")
     assert given == dict(threshold=0.8, worst_weight=0.1, eta_prime=1.0, grl_warmup=0.0)
     saved = json.loads((Path(runs["two_on"]["run_dir"]) / "args.json").read_text())
