@@ -429,7 +429,9 @@ def parse_args(argv=None):
         help="markdown file, default bench/results/throughput_<device>_<preset>.md "
         "(the numbers also go to the same name with .json)",
     )
-    p.add_argument("--keep-runs", default=None, help="keep the scripts' run dirs here (default: a temporary folder)")
+    p.add_argument(
+        "--keep-runs", default=None, help="keep the scripts' run dirs in this new or empty folder (default: temporary)"
+    )
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda, but CUDA is not available here: use --device cpu")
@@ -444,6 +446,10 @@ def parse_args(argv=None):
         fail(f"--num-labels {args.num_labels} must be a multiple of 10 and at most --train-size {args.train_size}")
     args.out = Path(args.out or ROOT / "bench" / "results" / f"throughput_{args.device.split(':')[0]}_{args.preset}.md")
     check_writable("--out", args.out)
+    if args.keep_runs:  # the run dirs are named by script: an earlier call's would stop this one half-way
+        if Path(args.keep_runs).is_dir() and any(Path(args.keep_runs).iterdir()):
+            fail(f"--keep-runs {args.keep_runs}: not empty (an earlier call's run dirs?); name a new or empty folder")
+        check_writable("--keep-runs", args.keep_runs, folder=True)
     return args
 
 

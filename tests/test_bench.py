@@ -120,6 +120,23 @@ def test_probe_counts_draws_and_times_each_outer_augmentation_once():
     assert all(s >= 0 for _, s in probe.seconds())
 
 
+def test_throughput_keeps_runs_only_in_a_new_or_empty_folder(tmp_path, capsys):
+    """An earlier call's run dirs (named by script) would stop this one half-way, after the scripts before: one line
+    first."""
+    import throughput
+
+    keep, out = tmp_path / "runs", ["--device", "cpu", "--out", str(tmp_path / "t.md")]
+    for folder in (keep, tmp_path / "new" / "runs"):
+        assert throughput.parse_args([*out, "--keep-runs", str(folder)]).keep_runs == str(folder)
+    (keep / "uda").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        throughput.parse_args([*out, "--keep-runs", str(keep)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.endswith(
+        f": error: --keep-runs {keep}: not empty (an earlier call's run dirs?); name a new or empty folder\n"
+    ), err
+
+
 def test_step_throughput_tiny(tmp_path):
     out, runs = tmp_path / "t.md", tmp_path / "runs"
     proc = bench(
