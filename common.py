@@ -51,8 +51,8 @@ class DatasetInfo:
     classes: tuple = ()  # class names, where known (--dataset folder)
 
 
-# Normalisation constants of TorchSSL / USB (their datasets code: 0-255 values / 255 for CIFAR and STL-10);
-# MNIST's are the usual ones, Fashion-MNIST's its training set's.
+# Normalisation constants of TorchSSL (its datasets code: 0-255 values / 255 for CIFAR and STL-10; USB has the same but
+# for CIFAR-10, which it normalises with ImageNet's); MNIST's are the usual ones, Fashion-MNIST's its training set's.
 _255 = lambda *v: tuple(x / 255 for x in v)
 DATASETS = {
     "cifar10": DatasetInfo(
@@ -728,7 +728,8 @@ class _Block(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out, eps=0.001, momentum=bn_momentum)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = None if c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+        same = c_in == c_out and stride == 1  # the raw input fits the branch's output (WRN-37-1's first block: no)
+        self.shortcut = None if same else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
         self.drop_rate, self.activate_before_residual = drop_rate, activate_before_residual
 
     def forward(self, x):
