@@ -13,8 +13,9 @@ The teacher's side is a target: no gradient flows into it; it changes only throu
 The teacher is the template's EMA model, the one every script evaluates: Eq. (2) is its ema_update, --ema-decay caps
 alpha_t, and no second average is kept. So alpha_t is the template's min((1 + t) / (10 + t), 0.999), not the paper's
 min(1 - 1/(t + 1), alpha): 1 - 1/(t + 1) makes the teacher the plain average of every weight since init, which lags
-the student by half the steps taken so far; the paper's code caps it at 0.99 during the ramp-up and 0.999 after, and
-(1 + t) / (10 + t) passes 0.99 at t = 890 and 0.999 at t = 8990.
+the student by half the steps taken so far; the paper's CIFAR-10 runs hold it at 0.999 from the first step (its code's
+default, 0.99 during the ramp-up, is what its SVHN runs keep), and (1 + t) / (10 + t) passes 0.99 at t = 890 and 0.999
+at t = 8990.
 
 Recipe: the classic CV protocol of supervised.py with mu 1 and w_max 50 (TorchSSL); the ramp over 40 % of K.
 

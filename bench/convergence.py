@@ -239,8 +239,7 @@ def run_one(name, labels, seed, cfg):
     machine_before, own_before, start = machine_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
     with open(log_path, "ab") as log:  # the run's stdout and stderr as it writes them: a kill loses none of it
         begin = log.tell()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        returncode, stopped_by = wait_passing_signals_on(proc)
+        returncode, stopped_by = run_passing_signals_on(cmd, log)
     wall = time.perf_counter() - start
     machine_after, own_after = machine_cpu_seconds(), children_cpu_seconds()
     wall_path.write_text(str(logged_seconds(wall_path) + wall))
@@ -262,24 +261,31 @@ def run_one(name, labels, seed, cfg):
     return run_dir
 
 
-def wait_passing_signals_on(proc):
+def run_passing_signals_on(cmd, log):
     """(exit code, None) of a run, or (exit code, signal) where Ctrl-C, SIGTERM or a hangup reached this harness
-    meanwhile. The run is in its own session, so a terminal's Ctrl-C reaches the harness alone, which passes each
-    signal's first on to the run once: the run stops as at its own Ctrl-C (its log says so) and is waited for."""
-    got = []
+    meanwhile. The run is in its own session, so a terminal's Ctrl-C reaches the harness alone, which passes the first
+    signal on to the run once: the run stops as at its own Ctrl-C (its log says so) and is waited for. The handlers
+    are in place before the run starts, so no signal leaves it running without the harness."""
+    got, runs, sent = [], [], []
 
     def pass_on(signum, frame):
-        if not got:
-            proc.send_signal(signum)
         got.append(signum)
+        if runs and not sent:
+            sent.append(signum)
+            runs[0].send_signal(signum)
 
     handlers = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        returncode = proc.wait()
+        if got:  # before the run started (while the handlers went in): it does not start
+            return None, got[0]
+        runs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        if got and not sent:  # while it started: passed on now
+            sent.append(got[0])
+            runs[0].send_signal(got[0])
+        return runs[0].wait(), got[0] if got else None
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    return returncode, got[0] if got else None
 
 
 def stopped(where, signum):
