@@ -91,7 +91,7 @@ def once(flag, values):
     counted twice)."""
     twice = list(dict.fromkeys(v for i, v in enumerate(values) if v in values[:i]))
     if twice:
-        fail(f"{flag}: {' '.join(map(str, twice))} given twice")
+        fail(f"{flag}: {' '.join(map(str, twice))} given more than once")
 
 
 def flat(state, prefix=""):
