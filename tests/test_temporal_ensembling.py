@@ -54,6 +54,12 @@ def test_unsup_term_by_hand_divides_by_the_whole_batch(data_dir, tmp_path):
     n, c = z.shape
     assert n == 16 and torch.equal(seen, g["count"][g["idx_u"]] > 1)  # a target: updated before this step's update
     assert 0 < seen.sum() < n  # the premise: rows with a target and rows without
+    # the target is the ensemble BEFORE this step's update, rebuilt here from the buffer after it (Z = a Z' + (1 - a) z,
+    # one more count): a target read after the update, or from other rows, fails
+    alpha, idx = 0.6, g["idx_u"]
+    before, n_before = (g["Z"][idx] - (1 - alpha) * z) / alpha, g["count"][idx] - 1
+    assert torch.equal(seen, n_before > 0)
+    assert torch.allclose(target[seen], (before / (1 - alpha ** n_before.float()).unsqueeze(1))[seen], atol=1e-5)
     squared = seen.unsqueeze(1) * (z - target) ** 2
     assert g["loss_u"].item() == pytest.approx(squared.sum().item() / (c * n), rel=1e-5)
     assert g["loss_u"].item() != pytest.approx(squared.sum().item() / (c * seen.sum().item()), rel=1e-3)
