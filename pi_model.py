@@ -9,12 +9,14 @@ distribution, the paper's Algorithm 1 minimises
 where z and z~ are two passes under independent augmentation, C the class count, and
     w(t) = w_max exp(-5 (1 - T)^2),  T = min(t / (ramp_up K), 1)              (3) the ramp-up
 
-Recipe: the classic CV protocol of supervised.py with mu 1 and w_max 10 (TorchSSL); the ramp over 40 % of K.
+Recipe: the classic CV protocol of supervised.py with mu 1 (TorchSSL) and the paper's w_max 100; the ramp over 40 %
+of K.
 
 Differs from the paper and TorchSSL / USB:
     - gradient through both passes, as the paper (TorchSSL and USB detach one: --stop-grad gives theirs);
     - the paper's Gaussian ramp shape (3) over TorchSSL's length (40 % of the run; its shape is linear);
-    - separate labeled and unlabeled batches: no w_max = 100 labels/N scaling (the paper mixes them);
+    - separate labeled and unlabeled batches, so the paper's w_max 100 M/N (M labels among N images, on a mixed batch
+      whose cross-entropy is averaged over all of it) is 100 unscaled here; TorchSSL's is 10, measured lower;
     - one forward of [labeled, pass 1, pass 2]: BatchNorm sees all three (TorchSSL freezes it for the passes);
     - no Gaussian input noise and no dropout (the paper has both, TorchSSL neither).
 
@@ -132,7 +134,7 @@ def parse_args(argv=None):
     p.add_argument("--tensorboard", **switch, help="also log to TensorBoard")
     # ALGO LOGIC: algorithm specific
     p.set_defaults(mu=1)  # TorchSSL's Pi-model: one unlabeled image per labeled one
-    p.add_argument("--unsup-weight", type=nonnegative, default=10.0, help="w_max, the consistency weight after ramp-up")
+    p.add_argument("--unsup-weight", type=nonnegative, default=100.0, help="w_max, the weight after the ramp-up")
     p.add_argument("--ramp-up", type=unit, default=0.4, help="ramp-up length as a fraction of --total-steps")
     p.add_argument("--stop-grad", **switch, help="detach the second pass (TorchSSL / USB), not the paper's")
     # TRY NOT TO MODIFY: on --resume the saved arguments are the defaults (flags given now override them)

