@@ -83,26 +83,3 @@ def test_rampup_endpoints():
     assert pi_model.sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
     assert pi_model.sigmoid_rampup(100, 100) == 1.0 == pi_model.sigmoid_rampup(500, 100)
     assert pi_model.sigmoid_rampup(0, 0) == 1.0
-
-
-def test_default_weight_is_the_papers_100(data_dir, tmp_path):
-    """w_max 100: the paper's (tempens' unsup_weight_max), whose M/N scaling only undoes its cross-entropy averaged over
-    mixed batches (as Temporal Ensembling's 30); after the ramp the logged weight is 100, the total sup + 100 unsup."""
-    run_inprocess(
-        "pi_model.py",
-        *TINY,
-        "--data-dir",
-        data_dir,
-        "--total-steps",
-        3,
-        "--log-every",
-        1,
-        "--ramp-up",
-        0,
-        "--run-dir",
-        tmp_path,
-    )
-    train = [r for r in rows(tmp_path) if "losses/total" in r]
-    assert [r["train/unsup_weight"] for r in train] == [100.0] * 3 and any(r["losses/unsup"] > 0 for r in train)
-    for r in train:
-        assert r["losses/total"] == pytest.approx(r["losses/sup"] + 100 * r["losses/unsup"], rel=1e-5)
