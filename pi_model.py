@@ -13,7 +13,8 @@ Recipe: the classic CV protocol of supervised.py with mu 1 (TorchSSL) and the pa
 of K.
 
 Differs from the paper and TorchSSL / USB:
-    - gradient through both passes, as the paper (TorchSSL and USB detach one: --stop-grad gives theirs);
+    - gradient through both passes, as the paper (TorchSSL and USB detach one: --stop-grad; with --unsup-weight 10,
+      theirs);
     - the paper's Gaussian ramp shape (3) over TorchSSL's length (40 % of the run; its shape is linear);
     - separate labeled and unlabeled batches, so the paper's w_max 100 M/N (M labels among N images, on a mixed batch
       whose cross-entropy is averaged over all of it) is 100 unscaled here; TorchSSL's is 10, measured lower;
