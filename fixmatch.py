@@ -27,6 +27,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -398,8 +399,9 @@ if __name__ == "__main__":
         check_run_dir(run_dir, args.resume)
     ckpt = load_checkpoint(run_dir, args, world, device) if args.resume else None
 
-    def interrupted(signum, frame):  # Ctrl-C, SIGTERM: one line on how to go on (the checkpoint on disk is whole)
-        how = "no checkpoint yet, nothing to resume"
+    def where_it_stands():
+        """The step the run is at (before its first step: the checkpoint's) and how to go on from what is on disk."""
+        at, how = globals().get("step", ckpt["step"] if ckpt else 0), "no checkpoint yet, nothing to resume"
         if (run_dir / "checkpoint.pt").is_file():  # DISTRIBUTED: under torchrun, resumed by as many processes
             local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # DISTRIBUTED: on several machines, as many of them
             nodes = f" --nnodes={world // local} <your rendezvous flags>" if world > local else ""
@@ -408,13 +410,26 @@ if __name__ == "__main__":
             how = f"continue with: {launch} {started} --resume {shlex.quote(str(run_dir))}"
         elif holds_a_run(run_dir):  # a run's files, no checkpoint: neither the same command nor --resume goes on
             how += f": delete {run_dir} to start it again"
+        return at, how
+
+    def interrupted(signum, frame):  # Ctrl-C, SIGTERM: one line on how to go on (the checkpoint on disk is whole)
         if rank == 0:  # DISTRIBUTED: every rank gets the signal, rank 0 alone says it
-            at = globals().get("step", ckpt["step"] if ckpt else 0)  # before the first step: the checkpoint's
+            at, how = where_it_stands()
             print(f"{METHOD}.py: interrupted at step {at}; {how}", file=sys.stderr)
         leave(130)
 
+    def out_of_memory(kind, e, traceback):  # an error no code caught: the device's or the host's memory, one line
+        memory = re.search("out of memory|can't allocate memory", str(e))  # a CUDA library's error, the CPU allocator's
+        if not (memory or isinstance(e, (torch.OutOfMemoryError, MemoryError))):
+            return sys.__excepthook__(kind, e, traceback)  # any other error: its traceback
+        at, how = where_it_stands()
+        asked = re.search(r"ried to allocate ([\d.]+ \w+)", str(e))  # CUDA's "Tried to allocate 2.00 GiB", the CPU's
+        why = f" (it asked for {asked[1]} more)" if asked else ""
+        fail(f"out of memory on {device} at step {at}{why}: a smaller --batch-size or --mu needs less; {how}")
+
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
+    sys.excepthook = out_of_memory
 
     # TRY NOT TO MODIFY: seeding, data
     torch.manual_seed(args.seed)

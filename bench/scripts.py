@@ -106,9 +106,10 @@ def flat(state, prefix=""):
 @contextlib.contextmanager
 def as_its_own_process():
     """A script run in this process (runpy) leaves behind what its own process's end would take away: the signal
-    handlers it installs (Ctrl-C, SIGTERM) are put back, and the run dir it holds (an flock, dropped at a process's
-    end) is let go, so that a later run in this process, or another process, can take it."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers and the excepthook it installs (Ctrl-C, SIGTERM, out of memory) are put back, and the run dir it holds
+    (an flock, dropped at a process's end) is let go, so that a later run in this process, or another process, can
+    take it."""
+    handlers, excepthook = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}, sys.excepthook
     held, flock = [], fcntl.flock
 
     def hold(fd, operation):
@@ -123,3 +124,4 @@ def as_its_own_process():
             os.close(fd)
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        sys.excepthook = excepthook

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -343,6 +344,62 @@ def test_ctrl_c_before_the_first_checkpoint_says_to_delete_the_run_dir(data_dir,
         f"interrupted at step 1; no checkpoint yet, nothing to resume: delete {run_dir} to start it again"
     )
     assert (run_dir / "args.json").exists() and not (run_dir / "checkpoint.pt").exists()
+
+
+def test_memory_that_runs_out_is_one_line_and_exit_2(data_dir, tmp_path):
+    """A batch the host cannot hold: a real allocation failure (8e14 bytes of batch indices, more than any address
+    space, whatever the overcommit policy). One line says what to change and what to do with the run dir its start
+    left; it was torch's traceback, exit 1."""
+    run_dir = tmp_path / "run"
+    proc = run(
+        "supervised.py", *SMALL, "--batch-size", 10**14, "--data-dir", data_dir, "--run-dir", run_dir, check=False
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == (
+        "supervised.py: error: out of memory on cpu at step 1 (it asked for 800000000000000 bytes more): a smaller "
+        f"--batch-size or --mu needs less; no checkpoint yet, nothing to resume: delete {run_dir} to start it again\n"
+    )
+
+
+def test_a_gpus_memory_running_out_after_a_checkpoint_names_the_command_that_resumes(
+    data_dir, capsys, monkeypatch, tmp_path
+):
+    """CUDA's OutOfMemoryError (raised here on the CPU) at step 7, after the checkpoint of step 5: the hook the script
+    installs for errors no code caught says so in one line, exit 2, with the resume command; any other error goes on
+    to Python's own hook (its traceback)."""
+    run_dir, real, calls, excepthook = tmp_path / "run", torch.nn.functional.cross_entropy, [], sys.excepthook
+    message = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which ..."
+
+    def runs_out(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())  # a training step's (evaluation's are not counted)
+        if sum(calls) == 7:
+            raise torch.OutOfMemoryError(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", runs_out)
+    with pytest.raises(torch.OutOfMemoryError) as e:
+        run_inprocess("supervised.py", *TINY, "--data-dir", data_dir, "--run-dir", run_dir, "--total-steps", 10)
+    frames = (frame for frame, _ in traceback.walk_tb(e.value.__traceback__))
+    hook = next(f.f_globals["out_of_memory"] for f in frames if f.f_globals.get("METHOD") == "supervised")
+    assert checkpoint(run_dir)["step"] == 5 and sys.excepthook is excepthook  # put back
+    monkeypatch.setattr(sys, "argv", ["supervised.py"])  # as the script was started
+    with pytest.raises(SystemExit) as code:
+        hook(type(e.value), e.value, e.value.__traceback__)
+    assert code.value.code == 2
+    assert capsys.readouterr().err == (
+        "supervised.py: error: out of memory on cpu at step 7 (it asked for 2.00 GiB more): a smaller --batch-size or "
+        f"--mu needs less; continue with: python supervised.py --resume {run_dir}\n"
+    )
+    cublas = RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported ...")
+    for error in (MemoryError(), cublas):  # Python's own (numpy's too), a CUDA library's: no size to give
+        with pytest.raises(SystemExit) as code:
+            hook(type(error), error, None)
+        assert code.value.code == 2 and "error: out of memory on cpu at step 7: a smaller" in capsys.readouterr().err
+    passed_on = []
+    monkeypatch.setattr(sys, "__excepthook__", lambda *args: passed_on.append(args))
+    bug = ValueError("a bug")
+    hook(ValueError, bug, None)
+    assert passed_on == [(ValueError, bug, None)] and capsys.readouterr().err == ""
 
 
 def test_a_run_with_a_relative_data_dir_resumes_from_another_folder(data_dir, monkeypatch, tmp_path):
