@@ -89,12 +89,19 @@ wrn_depth = checked(int, lambda v: v >= 10 and v % 6 == 4 or v >= 13 and v % 8 =
 int64 = checked(int, lambda v: -(2**63) <= v < 2**63, "in [-2^63, 2^63)")  # torch.manual_seed takes it, and seed + rank
 
 
+def path(text):
+    """An argparse type: a path, never empty (`--resume "$RUN"` with RUN unset would start a new default run)."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?): give a path")
+    return text
+
+
 def parse_args(argv=None):
     title = __doc__.split("\n\n")[0]
     p = argparse.ArgumentParser(description=title, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = fail  # one line, without argparse's usage block
     p.add_argument("--dataset", default="cifar10", choices=[*common.DATASETS, common.FOLDER], help="folder: README")
-    p.add_argument("--data-dir", default="./data", help="where torchvision finds or downloads the data")
+    p.add_argument("--data-dir", type=path, default="./data", help="where torchvision finds or downloads the data")
     p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True, help="svhn: train + extra")
     p.add_argument("--num-labels", type=positive, default=4000, help="labeled examples, class-balanced")
     p.add_argument("--seed", type=int64, default=0, help="seeds everything; the labeled split follows from it")
@@ -120,8 +127,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-augment", **switch, help="cuda: compile the augmentations (torch.compile)")
     p.add_argument("--cuda-graph", **switch, help="capture the training step in a CUDA graph, replay it")
     p.add_argument("--sync-bn", **switch, help="under torchrun: BatchNorm statistics over all processes")
-    p.add_argument("--run-dir", default=None, help="default runs/<dataset>_<method>_<labels>_<seed>_<time>_<pid>")
-    p.add_argument("--resume", default=None, help="a run dir to continue exactly, with its args.json")
+    p.add_argument("--run-dir", type=path, help="default runs/<dataset>_<method>_<labels>_<seed>_<time>_<pid>")
+    p.add_argument("--resume", type=path, help="a run dir to continue exactly, with its args.json")
     p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate its checkpoint, write nothing")
     p.add_argument("--tensorboard", **switch, help="also log to TensorBoard")
     # ALGO LOGIC: algorithm specific

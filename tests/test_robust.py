@@ -66,6 +66,7 @@ def copy(runs, script, tmp_path):
     return Path(shutil.copytree(runs / script, tmp_path / "run"))
 
 
+PATH_FLAGS = ("--data-dir", "--run-dir", "--resume")
 BAD_VALUES = {
     "--lr": (["-0.1", "0", "nan", "1e39"], "argument --lr: must be positive and at most 3.4e38 (float32)"),
     "--weight-decay": (["-1", "inf", "1e39"], "argument --weight-decay: must be >= 0 and at most 3.4e38 (float32)"),
@@ -74,6 +75,8 @@ BAD_VALUES = {
     "--bn-momentum": (["5", "0"], "argument --bn-momentum: must be in (0, 1]"),
     "--device": (["cpux", "gpu", "meta"], "is not a device these scripts run on: use cpu, cuda or cuda:N"),
     "--seed": (["9223372036854775808", "-9223372036854775809"], "argument --seed: must be in [-2^63, 2^63)"),
+    # an unset shell variable: `--resume ""` started a new run of every default (CIFAR-10, 2^20 steps)
+    **{f: ([""], f"argument {f}: is empty (an unset shell variable?): give a path") for f in PATH_FLAGS},
 }
 
 
