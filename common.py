@@ -7,8 +7,10 @@ evaluation, logging and checkpoints live in each script so that each one reads o
 - The WideResNet of FixMatch / TorchSSL / USB, with access to the penultimate features.
 """
 
+import collections
 import glob
 import gzip
+import json
 import math
 import os
 import shutil
@@ -348,6 +350,32 @@ def labeled_split(targets, num_labels, num_classes, seed):
     return torch.cat(idx).sort().values
 
 
+def read_labeled_indices(path, num_labels, num_train):
+    """A labeled split from a file (`--labeled-indices`): a JSON list of distinct indices into the training set, as
+    every run writes to its labeled_indices.json, so that a run's split, or another codebase's, can be reused. It need
+    not be class-balanced. Returns them sorted, as labeled_split's."""
+    where = f"--labeled-indices {path}"
+    try:
+        with open(path) as f:
+            idx = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{where}: cannot be read ({e.strerror})") from None
+    except ValueError:  # not JSON, or not text
+        raise ValueError(f"{where}: not a JSON list of indices (a run's labeled_indices.json is one)") from None
+    if not isinstance(idx, list) or not idx or any(type(i) is not int for i in idx):
+        raise ValueError(f"{where}: not a JSON list of indices (a run's labeled_indices.json is one)")
+    if len(idx) != num_labels:
+        asked = f"--num-labels {num_labels}" if num_labels else "every label (the default here)"
+        raise ValueError(f"{where}: it holds {len(idx)} indices, not {asked}: give --num-labels {len(idx)}")
+    outside = [i for i in idx if not 0 <= i < num_train]
+    if outside:
+        raise ValueError(f"{where}: index {outside[0]} is outside the training set (0 to {num_train - 1})")
+    twice = [i for i, n in collections.Counter(idx).items() if n > 1]
+    if twice:
+        raise ValueError(f"{where}: index {twice[0]} is there more than once")
+    return torch.tensor(sorted(idx))
+
+
 @dataclass
 class SSLData:
     """One dataset on one device. The unlabeled stream is the whole training set (labeled images
@@ -364,14 +392,18 @@ class SSLData:
     y_test: torch.Tensor
 
 
-def load_ssl_data(name, data_dir, num_labels, seed, device, svhn_extra=True):
-    """Everything a script trains and evaluates on, moved to `device` once."""
+def load_ssl_data(name, data_dir, num_labels, seed, device, svhn_extra=True, labeled_indices=None):
+    """Everything a script trains and evaluates on, moved to `device` once; the labeled split drawn from `seed`, or
+    read from the file `labeled_indices`."""
     if name == FOLDER:
         train_x, train_y, test_x, test_y, extra_x, info = load_folder(data_dir)
     else:
         train_x, train_y, test_x, test_y, extra_x = load_dataset(name, data_dir, svhn_extra)
         info = DATASETS[name]
-    labeled_idx = labeled_split(train_y, num_labels, info.num_classes, seed)
+    if labeled_indices is None:
+        labeled_idx = labeled_split(train_y, num_labels, info.num_classes, seed)
+    else:
+        labeled_idx = read_labeled_indices(labeled_indices, num_labels, len(train_y))
     x_u, y_u = train_x, train_y
     if extra_x is not None:
         x_u = torch.cat([train_x, extra_x])

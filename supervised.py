@@ -96,6 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--svhn-extra", action=argparse.BooleanOptionalAction, default=True, help="svhn: train + extra")
     p.add_argument("--num-labels", type=positive, default=4000, help="labeled examples, class-balanced")
     p.add_argument("--seed", type=int64, default=0, help="seeds everything; the labeled split follows from it")
+    p.add_argument("--labeled-indices", type=path, help="a JSON list of the training images to label, not drawn")
     p.add_argument("--total-steps", type=positive, default=2**20, help="optimizer steps K")
     p.add_argument("--eval-every", type=positive, default=5000, help="evaluate every this many steps")
     p.add_argument("--log-every", type=positive, default=100, help="log a row every this many steps (and at a save)")
@@ -157,6 +158,7 @@ def parse_args(argv=None):
     args.depth = args.depth or (37 if args.dataset == "stl10" else 28)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     args.data_dir = os.path.abspath(args.data_dir)  # as args.json records it: a resume from another folder finds it
+    args.labeled_indices = args.labeled_indices and os.path.abspath(args.labeled_indices)  # the same
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid()}"  # runs started in one second (a sweep): a dir each
     args.run_dir = args.run_dir or f"runs/{args.dataset}_{METHOD}_{args.num_labels}_{args.seed}_{stamp}"
     try:
@@ -438,7 +440,9 @@ if __name__ == "__main__":
     if rank > 0:  # DISTRIBUTED: rank 0 downloads or unpacks the data first; the others then read it from disk
         dist.barrier()
     try:
-        data = common.load_ssl_data(args.dataset, args.data_dir, args.num_labels, args.seed, device, args.svhn_extra)
+        data = common.load_ssl_data(
+            args.dataset, args.data_dir, args.num_labels, args.seed, device, args.svhn_extra, args.labeled_indices
+        )
     except (ValueError, FileNotFoundError) as e:
         data = e  # said below, past the barrier: leave() skips a `finally`, and the other ranks would wait in vain
     finally:

@@ -178,15 +178,16 @@ def final_checkpoints(args):
     rows, loaded = [], {}
     runs_args = [json.loads((run_dir / "args.json").read_text()) for run_dir in args.runs]
     for run_dir, saved, name in zip(args.runs, runs_args, row_names(args.runs, runs_args)):
-        key = (saved["dataset"], saved["data_dir"], saved["num_labels"], saved["seed"])
+        key = (saved["dataset"], saved["data_dir"], saved["num_labels"], saved["seed"], saved.get("labeled_indices"))
         if key not in loaded:
             try:
-                loaded[key] = common.load_ssl_data(*key, device)
+                loaded[key] = common.load_ssl_data(*key[:4], device, labeled_indices=key[4])
             except (ValueError, FileNotFoundError) as e:
                 fail(f"{run_dir}: {e}")
         data = loaded[key]
         if json.loads((run_dir / "labeled_indices.json").read_text()) != data.labeled_idx.tolist():
-            fail(f"{run_dir}: its labeled_indices.json is not the split of seed {saved['seed']}")
+            split = f"--labeled-indices {key[4]}" if key[4] else f"seed {saved['seed']}'s"
+            fail(f"{run_dir}: its labeled_indices.json is not the split of {split}")
         ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=True)
         recompute = argparse.Namespace(batches=args.batches, batch_size=saved["batch_size"], seed=saved["seed"])
         row = {"row": name, "seed": saved["seed"], "step": ckpt["step"]}

@@ -541,14 +541,16 @@ def test_ema_bn_passes_on_the_scripts_refusal_in_one_line_and_leaves_nothing(tmp
 
 def test_ema_bn_runs_evaluates_each_finished_runs_last_checkpoint(tmp_path, data_dir, capsys):
     """--runs: a line per finished run, its ema and raw the run's own last evaluation, its row the run dir's parent
-    folder; per row the mean and sample std over the seeds. An unfinished run dir is refused in one line."""
+    folder; per row the mean and sample std over the seeds. An unfinished run dir is refused in one line. The seed 1
+    run labels seed 0's images (--labeled-indices): evaluated with them (it was refused as not seed 1's split)."""
     import ema_bn
 
     runs = [tmp_path / "work" / "pi_model" / f"20_{seed}" for seed in (0, 1)]
     for seed, run_dir in enumerate(runs):
-        run_inprocess(
-            "pi_model.py", *TINY, "--data-dir", data_dir, "--total-steps", 6, "--seed", seed, "--run-dir", run_dir
-        )
+        split = ["--labeled-indices", runs[0] / "labeled_indices.json"] if seed else []
+        args = [*TINY, "--data-dir", data_dir, "--total-steps", 6, "--seed", seed, "--run-dir", run_dir, *split]
+        run_inprocess("pi_model.py", *args)
+    assert (runs[1] / "labeled_indices.json").read_text() == (runs[0] / "labeled_indices.json").read_text()
     out = tmp_path / "out" / "final"
     ema_bn.final_checkpoints(ema_bn.parse_args(["--runs", *map(str, runs), "--batches", "2", "--out", str(out)]))
     result = json.loads((tmp_path / "out" / "final.json").read_text())

@@ -3,6 +3,7 @@
 import errno
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -37,6 +38,43 @@ def test_split_is_balanced_deterministic_and_seeded():
 def test_split_rejects_bad_counts(num_labels, message):
     with pytest.raises(ValueError, match=message):
         common.labeled_split(torch.arange(1000) % 10, num_labels, 10, seed=0)
+
+
+def test_a_split_read_from_a_file_is_those_images_sorted_whatever_the_seed(data_dir, tmp_path):
+    """--labeled-indices: a JSON list of distinct training indices, in any order, not class-balanced (all of class
+    0 and one of class 1 here), is the split; the seed draws nothing."""
+    train_y = common.load_ssl_data("fashion_mnist", data_dir, 20, 0, "cpu").y_unlabeled
+    idx = torch.nonzero(train_y == 0).flatten()[:6].tolist() + torch.nonzero(train_y == 1).flatten()[:1].tolist()
+    (tmp_path / "split.json").write_text(json.dumps(idx[::-1]))
+    for seed in (0, 1):
+        data = common.load_ssl_data("fashion_mnist", data_dir, 7, seed, "cpu", labeled_indices=tmp_path / "split.json")
+        assert data.labeled_idx.tolist() == sorted(idx)
+        assert torch.equal(data.y_labeled, train_y[sorted(idx)]) and len(data.x_unlabeled) == 200
+
+
+@pytest.mark.parametrize(
+    "text, num_labels, message",
+    [
+        ("[3, 1, 2]", 4, ": it holds 3 indices, not --num-labels 4: give --num-labels 3"),
+        ("[3, 1, 2]", None, ": it holds 3 indices, not every label (the default here): give --num-labels 3"),
+        ("[3, 1, 3]", 3, ": index 3 is there more than once"),
+        ("[3, 1, 200]", 3, ": index 200 is outside the training set (0 to 199)"),
+        ("[3, 1, -1]", 3, ": index -1 is outside the training set (0 to 199)"),
+        ("[3, 1, 2.0]", 3, ": not a JSON list of indices (a run's labeled_indices.json is one)"),
+        ("[3, 1, true]", 3, ": not a JSON list of indices (a run's labeled_indices.json is one)"),
+        ('{"3": 1}', 1, ": not a JSON list of indices (a run's labeled_indices.json is one)"),
+        ("[]", 0, ": not a JSON list of indices (a run's labeled_indices.json is one)"),
+        ("[3, 1", 2, ": not a JSON list of indices (a run's labeled_indices.json is one)"),
+        (None, 3, ": cannot be read (No such file or directory)"),
+    ],
+)
+def test_a_split_file_that_is_not_one_is_one_line(text, num_labels, message, tmp_path):
+    path = tmp_path / "split.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        common.read_labeled_indices(path, num_labels, 200)
+    assert str(e.value) == f"--labeled-indices {path}{message}"
 
 
 # --- datasets ------------------------------------------------------------------------------------

@@ -417,6 +417,27 @@ def test_a_run_with_a_relative_data_dir_resumes_from_another_folder(data_dir, mo
     assert checkpoint(tmp_path / "run")["step"] == 8 and list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_a_split_from_a_file_is_recorded_and_read_again_at_a_resume(data_dir, capsys, monkeypatch, tmp_path):
+    """--labeled-indices, given relative: the run labels those images (written sorted to labeled_indices.json), and
+    args.json records the file's absolute path, so a resume from another folder reads it again and goes on; a file
+    changed since is refused (other labeled images), the run dir untouched."""
+    monkeypatch.chdir(tmp_path)
+    split, run_dir = tmp_path / "split.json", tmp_path / "run"
+    split.write_text(json.dumps(list(range(30, 10, -1))))
+    args = [*SMALL, "--data-dir", data_dir, "--run-dir", run_dir, "--labeled-indices", "split.json"]
+    run_inprocess("supervised.py", *args)
+    assert json.loads((run_dir / "args.json").read_text())["labeled_indices"] == str(split)
+    assert json.loads((run_dir / "labeled_indices.json").read_text()) == list(range(11, 31))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_inprocess("supervised.py", "--resume", run_dir, "--total-steps", 8)
+    assert checkpoint(run_dir)["step"] == 8
+    split.write_text(json.dumps(list(range(10, 30))))
+    before = files(run_dir)
+    assert "other labeled images" in refused(capsys, "supervised.py", "--resume", run_dir, "--total-steps", 10)
+    assert files(run_dir) == before
+
+
 def test_no_checkpoint_is_no_silent_restart(runs, capsys, tmp_path):
     run_dir = copy(runs, "supervised.py", tmp_path)
     (run_dir / "checkpoint.pt").unlink()
