@@ -438,6 +438,15 @@ def test_a_split_from_a_file_is_recorded_and_read_again_at_a_resume(data_dir, ca
     assert files(run_dir) == before
 
 
+def test_a_run_given_its_own_split_is_the_same_run(runs, data_dir, tmp_path):
+    """A run's labeled_indices.json passed back with --labeled-indices: the same images in the same order, and reading
+    them draws nothing from the seed's RNG, so the run is the same bit for bit."""
+    split = runs / "supervised.py" / "labeled_indices.json"
+    args = [*SMALL, "--data-dir", data_dir, "--run-dir", tmp_path / "run", "--labeled-indices", split]
+    run_inprocess("supervised.py", *args)
+    assert same_run(runs / "supervised.py", tmp_path / "run")
+
+
 def test_no_checkpoint_is_no_silent_restart(runs, capsys, tmp_path):
     run_dir = copy(runs, "supervised.py", tmp_path)
     (run_dir / "checkpoint.pt").unlink()
