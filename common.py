@@ -359,7 +359,8 @@ def read_labeled_indices(path, num_labels, num_train):
         with open(path) as f:
             idx = json.load(f)
     except OSError as e:
-        raise ValueError(f"{where}: cannot be read ({e.strerror})") from None
+        again = "a run made with it holds the same list in its labeled_indices.json"  # for a resume, --eval-only
+        raise ValueError(f"{where}: cannot be read ({e.strerror}); {again}") from None
     except ValueError:  # not JSON, or not text
         raise ValueError(f"{where}: not a JSON list of indices (a run's labeled_indices.json is one)") from None
     if not isinstance(idx, list) or not idx or any(type(i) is not int for i in idx):

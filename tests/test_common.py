@@ -65,7 +65,12 @@ def test_a_split_read_from_a_file_is_those_images_sorted_whatever_the_seed(data_
         ('{"3": 1}', 1, ": not a JSON list of indices (a run's labeled_indices.json is one)"),
         ("[]", 0, ": not a JSON list of indices (a run's labeled_indices.json is one)"),
         ("[3, 1", 2, ": not a JSON list of indices (a run's labeled_indices.json is one)"),
-        (None, 3, ": cannot be read (No such file or directory)"),
+        (
+            None,
+            3,
+            ": cannot be read (No such file or directory); a run made with it holds the same list in its "
+            "labeled_indices.json",
+        ),
     ],
 )
 def test_a_split_file_that_is_not_one_is_one_line(text, num_labels, message, tmp_path):
