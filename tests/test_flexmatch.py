@@ -145,6 +145,22 @@ def test_thresholds_of_step_2_by_hand(curriculum):
         assert not torch.allclose(flex["thresholds"].double(), value, rtol=1e-3, atol=0), name
 
 
+def test_thresholds_of_step_2_with_the_default_warm_up(curriculum, data_dir, tmp_path):
+    """Warm-up in a run (Eq. 11, on by default): beta(c) = sigma(c) / max(max sigma, unused), the rows never marked
+    counted as one more class. Here they outnumber every class, so each threshold is at most the one without warm-up,
+    and below it where a class was marked."""
+    one, flex, tau = curriculum["one"], curriculum["flex"], curriculum["tau"]
+    args = [*TINY, "--data-dir", data_dir, "--total-steps", 2, "--lr", 1e-4, "--threshold", tau]
+    warm = run_keeping_step("flexmatch.py", *args, "--run-dir", tmp_path / "warm")
+    before, _ = marks_by_hand(torch.full((200,), -1), one, tau)
+    sigma = torch.stack([(before == c).sum() for c in range(10)]).double()
+    unused = (before == -1).sum()
+    assert unused > sigma.max() > 0
+    beta = sigma / unused
+    assert torch.allclose(warm["thresholds"].double(), tau * beta / (2 - beta), rtol=1e-6, atol=0)
+    assert (warm["thresholds"] <= flex["thresholds"]).all() and (warm["thresholds"] < flex["thresholds"]).any()
+
+
 def test_mask_and_loss_of_step_2_by_hand(curriculum):
     """mask = 1[max q >= T(argmax q)], the flexible threshold of the predicted class; the unlabeled term
     1/(mu B) sum mask CE(argmax q, p(y | A(u))) (Eq. 8), q from the weak view."""
