@@ -73,7 +73,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts import ROOT, SCRIPTS, check_scripts, check_writable, fail, once, parser, positive
+from scripts import ROOT, SCRIPTS, check_scripts, check_writable, fail, once, parser, path, positive
 
 # Rows of the table: name -> (script, extra flags). maxl_single is MAXL without its auxiliary task.
 RUNS = {Path(script).stem: (script, []) for script in SCRIPTS} | {"maxl_single": ("maxl.py", ["--aux-weight", "0"])}
@@ -553,8 +553,8 @@ def parse_args(argv=None):
         default=None,
         help="passed to the scripts (their default: bf16 on cuda)",
     )
-    p.add_argument("--work-dir", default=None, help="run dirs, logs, digits; default runs/bench_convergence/<dataset>")
-    p.add_argument("--out-dir", default=None, help="table and figures; default bench/results/convergence_<dataset>")
+    p.add_argument("--work-dir", type=path, help="run dirs, logs, digits; default runs/bench_convergence/<dataset>")
+    p.add_argument("--out-dir", type=path, help="table and figures; default bench/results/convergence_<dataset>")
     args = p.parse_args(argv)
     offline = args.dataset != "cifar10"
     cfg = dict(OFFLINE if offline else PAPER)

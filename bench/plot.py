@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from scripts import fail, parser
+from scripts import fail, parser, path
 
 
 def read_rows(run_dir):
@@ -65,7 +65,7 @@ def plot(run_dirs, out):
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("run_dirs", nargs="+", help="run dirs (each holding a metrics.jsonl)")
-    p.add_argument("--out", default="curves.png", help="the image to write (.png, .pdf, .svg)")
+    p.add_argument("--out", type=path, default="curves.png", help="the image to write (.png, .pdf, .svg)")
     args = p.parse_args(argv)
     try:
         from matplotlib.backend_bases import FigureCanvasBase

@@ -62,6 +62,14 @@ def nonnegative(text):
 nonnegative.__name__ = "int"
 
 
+def path(text):
+    """An argparse type: a path, never empty (`--out-dir "$OUT"` with OUT unset would write over the default's
+    committed results)."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?): give a path")
+    return text
+
+
 def check_writable(flag, path, folder=False):
     """Before the work: the folder that will hold `path` (`path` itself where folder) can be made and written in, or
     one line: a result found unwritable at the end is lost. Nothing is left behind."""

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 from fakedata import write_mnist_idx
-from scripts import ROOT, check_writable, fail, nonnegative, parser, positive
+from scripts import ROOT, check_writable, fail, nonnegative, parser, path, positive
 
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
@@ -39,11 +39,11 @@ def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--per-class", type=positive, required=True, help="training images kept of each class")
     p.add_argument("--seed", type=nonnegative, default=0, help="which images (numpy's default_rng)")
-    p.add_argument("--data-dir", default="./data", help="where the scripts find the whole dataset (as theirs)")
-    p.add_argument("--out", required=True, help="a new folder: the subset's data dir")
+    p.add_argument(
+        "--data-dir", type=path, default="./data", help="where the scripts find the whole dataset (as theirs)"
+    )
+    p.add_argument("--out", type=path, required=True, help="a new folder: the subset's data dir")
     args = p.parse_args(argv)
-    if not args.out:
-        fail("--out '': give a new folder")
     if os.path.exists(args.out):
         fail(f"--out {args.out} exists: give a new folder")
     check_writable("--out", args.out, folder=True)

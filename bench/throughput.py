@@ -55,7 +55,7 @@ import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
-from scripts import ROOT, SCRIPTS, as_its_own_process, check_scripts, check_writable, fail, parser, positive
+from scripts import ROOT, SCRIPTS, as_its_own_process, check_scripts, check_writable, fail, parser, path, positive
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(ROOT))
@@ -425,12 +425,16 @@ def parse_args(argv=None):
     p.add_argument("--no-augment", action="store_true", help="skip the augmentation benchmark")
     p.add_argument(
         "--out",
+        type=path,
         default=None,
         help="markdown file, default bench/results/throughput_<device>_<preset>.md "
         "(the numbers also go to the same name with .json)",
     )
     p.add_argument(
-        "--keep-runs", default=None, help="keep the scripts' run dirs in this new or empty folder (default: temporary)"
+        "--keep-runs",
+        type=path,
+        default=None,
+        help="keep the scripts' run dirs in this new or empty folder (default: temporary)",
     )
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

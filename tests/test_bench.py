@@ -1,6 +1,7 @@
 """bench/: each benchmark runs in a tiny configuration, so it cannot rot, and its numbers are checked
 against the runs' own metrics.jsonl and against hand computations."""
 
+import argparse
 import errno
 import json
 import os
@@ -801,6 +802,42 @@ def test_an_output_that_cannot_be_written_is_one_line_before_the_work(tool, flag
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
+EMPTY_PATHS = [
+    ("convergence", "--work-dir"),
+    ("convergence", "--out-dir"),
+    ("digits", "--data-dir"),
+    ("ema_bn", "--data-dir"),
+    ("ema_bn", "--work-dir"),
+    ("ema_bn", "--out"),
+    ("gpu_check", "--out"),
+    ("plot", "--out"),
+    ("subset", "--data-dir"),
+    ("throughput", "--out"),
+    ("throughput", "--keep-runs"),
+]
+
+
+@pytest.mark.parametrize("tool, flag", EMPTY_PATHS)
+def test_an_empty_path_is_one_line(tool, flag, capsys, monkeypatch):
+    """`--out-dir "$OUT"` with OUT unset: refused before any work (it meant the default, whose committed results in
+    bench/results the run would have written over). A parse that takes the empty path stops here, before the work."""
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, *args, **kwargs):
+        parse(self, *args, **kwargs)
+        raise AssertionError(f"{tool}.py took {flag} ''")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", flag, ""])
+    with pytest.raises(SystemExit) as e:
+        __import__(tool).main()
+    err = capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and err == f"{tool}.py: error: argument {flag}: is empty (an unset shell variable?): give a path\n"
+    )
+
+
 def test_subset_refuses_a_negative_seed_and_an_output_it_cannot_write_in_one_line(capsys, tmp_path):
     """numpy's default_rng refuses a negative seed (its traceback), an --out under a file was NotADirectoryError's
     traceback after the load, and an empty --out wrote into the working directory."""
@@ -810,7 +847,7 @@ def test_subset_refuses_a_negative_seed_and_an_output_it_cannot_write_in_one_lin
     cases = [
         (["--seed", "-1", "--out", str(tmp_path / "a")], "argument --seed: must be >= 0, got -1"),
         (["--out", str(tmp_path / "file" / "x")], f"--out {tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file"),
-        (["--out", ""], "--out '': give a new folder"),
+        (["--out", ""], "argument --out: is empty (an unset shell variable?): give a path"),
     ]
     for argv, said in cases:
         with pytest.raises(SystemExit) as e:
