@@ -355,6 +355,7 @@ def read_labeled_indices(path, num_labels, num_train):
     every run writes to its labeled_indices.json, so that a run's split, or another codebase's, can be reused. It need
     not be class-balanced. Returns them sorted, as labeled_split's."""
     where = f"--labeled-indices {path}"
+    not_a_list = f"{where}: not a JSON list of indices (a run's labeled_indices.json is one)"
     try:
         with open(path) as f:
             idx = json.load(f)
@@ -362,9 +363,9 @@ def read_labeled_indices(path, num_labels, num_train):
         again = "a run made with it holds the same list in its labeled_indices.json"  # for a resume, --eval-only
         raise ValueError(f"{where}: cannot be read ({e.strerror}); {again}") from None
     except ValueError:  # not JSON, or not text
-        raise ValueError(f"{where}: not a JSON list of indices (a run's labeled_indices.json is one)") from None
+        raise ValueError(not_a_list) from None
     if not isinstance(idx, list) or not idx or any(type(i) is not int for i in idx):
-        raise ValueError(f"{where}: not a JSON list of indices (a run's labeled_indices.json is one)")
+        raise ValueError(not_a_list)
     if len(idx) != num_labels:
         asked = f"--num-labels {num_labels}" if num_labels else "every label (the default here)"
         raise ValueError(f"{where}: it holds {len(idx)} indices, not {asked}: give --num-labels {len(idx)}")
