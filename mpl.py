@@ -574,8 +574,8 @@ if __name__ == "__main__":
             fail(f"--resume {run_dir}: it finetunes since step {was}: keep --total-steps - --finetune-steps = {was}")
         if was >= at > mpl_steps:
             fail(f"--resume {run_dir}: its step {at} is in the MPL phase: --total-steps - --finetune-steps >= {at}")
-    student_lr = lambda k: warmup_cosine(min(k, mpl_steps), mpl_steps, args.warmup_steps, args.student_wait_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, student_lr)  # held while finetuning (it steps every step)
+    student_lr = lambda k: warmup_cosine(k, mpl_steps, args.warmup_steps, args.student_wait_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, student_lr)  # idle while finetuning, as the teacher's
     teacher = common.WideResNet(info.num_classes, args.depth, args.width, info.channels, args.bn_momentum)
     teacher.fc_dropout = args.dropout
     teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(teacher) if args.sync_bn else teacher  # DISTRIBUTED
@@ -593,7 +593,9 @@ if __name__ == "__main__":
     teacher_scheduler = torch.optim.lr_scheduler.LambdaLR(teacher_optimizer, teacher_lr)
     teacher_scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     finetune_groups = [{"params": list(model.parameters()), "lr": torch.tensor(args.finetune_lr, device=device)}]
-    finetune_optimizer = torch.optim.SGD(finetune_groups, weight_decay=0.0, **sgd)  # a constant lr: no schedule
+    finetune_groups[0]["initial_lr"] = args.finetune_lr
+    finetune_optimizer = torch.optim.SGD(finetune_groups, weight_decay=0.0, **sgd)
+    finetune_scheduler = torch.optim.lr_scheduler.LambdaLR(finetune_optimizer, lambda k: 1.0)  # a constant lr
     mpl_baseline = torch.zeros((), device=device)  # b of Eq. (6), updated in place (the checkpoint saves this tensor)
     uda_w = torch.zeros((), device=device)  # w_t of Eq. (8), filled before each step
     state.update(scheduler=scheduler, teacher=teacher, teacher_optimizer=teacher_optimizer)
@@ -739,7 +741,6 @@ if __name__ == "__main__":
         scaler.step(finetune_optimizer)
         scaler.update()
         stats = {"losses/total": loss, "losses/finetune": loss}
-        stats["train/lr_finetune"] = torch.full_like(loss, args.finetune_lr)
         ema_update(ema_model, model, ema_weight)  # the template's EMA and metric sums, as in train_step
         stats["n"] = loss.new_ones(())
         running.update({k: torch.zeros((), device=device) for k in stats if k not in running})  # at the first step
@@ -762,6 +763,7 @@ if __name__ == "__main__":
             model.fc_dropout = 0.0  # as kekmodel's finetuning
             running.clear()  # the MPL metrics since the last row go: the finetuning rows hold the finetuning keys alone
             train_step = cuda_graph(finetune_step) if args.cuda_graph else finetune_step
+            scheduler = finetune_scheduler  # the template's schedule step and its lr (train/lr): the finetuning ones
         # TRY NOT TO MODIFY: the step, then the schedules (outside the graph: LambdaLR fills the lr tensors)
         train_step()
         scheduler.step()

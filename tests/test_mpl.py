@@ -266,9 +266,6 @@ def test_schedules_are_wired(two_steps):
     try:
         assert [student(k) for k in (0, 19, 20, 29, 65, 100)] == pytest.approx([0, 0, 0.1, 1, 0.5, 0], abs=1e-12)
         assert [teacher(k) for k in (0, 9, 55, 100)] == pytest.approx([0.1, 1, 0.5, 0], abs=1e-12)
-        # the template steps the student's scheduler after every step, finetuning too: its lr stays where the MPL
-        # phase left it (the cosine unheld would rise again: 0.5 (1 + cos(pi 120 / 70)) at k = 150)
-        assert student(150) == student(100) == 0
     finally:
         scope["mpl_steps"] = mpl_steps
         vars(g["args"]).update(vars(args))
@@ -394,7 +391,7 @@ def test_kill_and_resume_with_finetuning(mpl_steps, finetune, data_dir, tmp_path
         "--finetune-batch-size",
         16,
     ]
-    run("mpl.py", *args, "--run-dir", straight)
+    out = run("mpl.py", *args, "--run-dir", straight).stdout
     step = run_killed("mpl.py", *args, "--run-dir", killed)
     assert step == 5 and (step > mpl_steps) == (mpl_steps == 1)
     run("mpl.py", "--resume", killed)
@@ -405,12 +402,14 @@ def test_kill_and_resume_with_finetuning(mpl_steps, finetune, data_dir, tmp_path
     ckpt = checkpoint(straight)
     assert ckpt["step"] == total
     assert ckpt["teacher_scheduler"]["last_epoch"] == mpl_steps  # idle while finetuning
-    assert ckpt["scheduler"]["last_epoch"] == total  # the template's, stepped every step (its lr held: schedules test)
+    assert ckpt["scheduler"]["last_epoch"] == mpl_steps  # the student's MPL schedule, idle while finetuning too
     assert len(ckpt["finetune_optimizer"]["state"]) > 0
     # the first finetuning row's interval spans the switch (log every 4): it holds the finetuning steps alone
     finetune_rows = [r for r in rows(straight) if "losses/finetune" in r]
     assert finetune_rows and all("losses/teacher" not in r for r in finetune_rows)
-    assert all(r["train/lr_finetune"] == pytest.approx(3e-5, rel=1e-6) for r in finetune_rows)
+    assert all(r["train/lr"] == pytest.approx(3e-5, rel=1e-6) for r in finetune_rows)  # the lr that trains
+    console = [line for line in out.splitlines() if " finetune " in line]  # the rows of the finetuning steps
+    assert len(console) == len(finetune_rows) and all("| lr 3e-05 |" in line for line in console), out
     assert all(r["losses/total"] == r["losses/finetune"] for r in finetune_rows)
 
 
