@@ -584,7 +584,9 @@ if __name__ == "__main__":
             if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
                 dist.all_reduce(sums)
             sums = dict(zip(running, sums.tolist(), strict=True))  # syncs at log rows only: here, the weights, the lr
-            means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+            # a row's mean: a sum over its steps (n), or over a count the step sums as n/<key> (a count of 0: left out)
+            counts = {k: sums.get(f"n/{k}", sums["n"]) for k in sums if k.split("/")[0] != "n"}
+            means = {k: sums[k] / c for k, c in counts.items() if c > 0}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)
             its, lr = (step - step_last) / (time.perf_counter() - t_last), float(scheduler.get_last_lr()[0])

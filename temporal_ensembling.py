@@ -621,7 +621,8 @@ if __name__ == "__main__":
         stats = {"losses/total": loss, "losses/sup": loss_x, "losses/unsup": loss_u}
         stats.update({"train/unsup_weight": unsup_w, "train/target_ratio": seen.float().mean()})
         known = seen & (y_u >= 0)  # rows with a target whose label is known (for logging only)
-        stats["train/target_acc"] = (known & (target.argmax(1) == y_u)).sum() / known.sum().clamp(min=1)
+        stats["train/target_acc"] = (known & (target.argmax(1) == y_u)).sum()
+        stats["n/train/target_acc"] = known.sum()  # a row's target_acc: the right ones over this sum
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -655,7 +656,9 @@ if __name__ == "__main__":
             if world > 1:  # DISTRIBUTED: a row is the mean over every rank's steps
                 dist.all_reduce(sums)
             sums = dict(zip(running, sums.tolist(), strict=True))  # syncs at log rows only: here, the weights, the lr
-            means = {k: v / sums["n"] for k, v in sums.items() if k != "n"}
+            # a row's mean: a sum over its steps (n), or over a count the step sums as n/<key> (a count of 0: left out)
+            counts = {k: sums.get(f"n/{k}", sums["n"]) for k in sums if k.split("/")[0] != "n"}
+            means = {k: sums[k] / c for k, c in counts.items() if c > 0}
             weights = float(torch.stack([p.detach().sum() for p in model.parameters()]).sum())
             check_finite(step, {**means, "the sum of the weights": weights}, run_dir)
             its, lr = (step - step_last) / (time.perf_counter() - t_last), float(scheduler.get_last_lr()[0])

@@ -6,7 +6,7 @@ import ast
 import difflib
 
 import pytest
-from scriptrun import ROOT
+from scriptrun import ROOT, TINY, rows, run
 from scripts import SCRIPTS
 
 METHOD_REGION, TEMPLATE_REGION = "# ALGO LOGIC", "# TRY NOT TO MODIFY"
@@ -70,3 +70,21 @@ def test_method_helpers_come_first(script):
 def test_every_script_is_listed():
     found = sorted(p.name for p in ROOT.glob("*.py") if p.name != "common.py")
     assert found == sorted(SCRIPTS)
+
+
+def test_a_rows_accuracy_is_over_the_samples_it_counts(data_dir, tmp_path):
+    """train/pseudo_acc in a row of 4 steps is the row's right pseudo labels over its kept ones (the template divides
+    a key's row sum by its n/<key> sum), not the mean of the 4 steps' accuracies, which weighs a step that kept 11
+    images as one that kept 55 and counts a step that kept none as 0 %. The per-step rows give the counts: a
+    logged row changes nothing in the training, so both runs draw and train alike."""
+    flags = [*TINY, "--data-dir", data_dir, "--total-steps", 4, "--threshold", 0.17]  # an untrained net: part kept
+    run("fixmatch.py", *flags, "--log-every", 1, "--run-dir", tmp_path / "each")
+    run("fixmatch.py", *flags, "--log-every", 4, "--run-dir", tmp_path / "row")
+    steps = [r for r in rows(tmp_path / "each") if "train/mask_ratio" in r]
+    kept = [round(r["train/mask_ratio"] * 8 * 7) for r in steps]  # of mu B = 56 (fake data: every label known)
+    right = [r.get("train/pseudo_acc", 0) * k for r, k in zip(steps, kept)]
+    assert len(steps) == 4 and len(set(kept)) > 1 and sum(kept) > 0  # unequal counts: the two means differ
+    assert all(("train/pseudo_acc" in r) == (k > 0) for r, k in zip(steps, kept))  # none kept: no accuracy, not 0
+    row = next(r for r in rows(tmp_path / "row") if "train/mask_ratio" in r)
+    assert row["train/mask_ratio"] == pytest.approx(sum(kept) / (4 * 56), rel=1e-6)
+    assert row["train/pseudo_acc"] == pytest.approx(sum(right) / sum(kept), rel=1e-5)

@@ -68,7 +68,8 @@ def test_unsup_term_by_hand_divides_by_the_whole_batch(data_dir, tmp_path):
     y = g["data"].y_unlabeled[g["idx_u"]]  # fake Fashion-MNIST: every unlabeled image has its label
     right = (target.argmax(1) == y)[seen].float()
     assert 0 < right.sum() < len(right)  # right and wrong targets: an accuracy over the wrong rows would show
-    assert g["stats"]["train/target_acc"].item() == pytest.approx(right.mean().item(), rel=1e-6)
+    assert g["stats"]["train/target_acc"].item() == right.sum().item()  # a row divides by the rows with a target
+    assert g["stats"]["n/train/target_acc"].item() == len(right)
 
 
 def test_buffer_in_checkpoint_and_consistency_trains(data_dir, tmp_path):
