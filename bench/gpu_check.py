@@ -18,7 +18,9 @@ Checks, small (WRN-10-2, B 16, mu 2, 16 steps, a row per step), with determinist
   cosine lr falls to 0.28 of its peak, so a value frozen at the capture (an lr, a ramp) shows.
 - No host sync in the step: the capture fails on one (a sync is not allowed while a stream captures).
 - Resume: with --cuda-graph, 16 steps straight against the run's own step-8 checkpoint resumed to 16 (the first
-  3 steps after a resume run eagerly, then the step is captured again): the same final checkpoint.
+  3 steps after a resume run eagerly, then the step is captured again): the same final checkpoint. Supervised,
+  FixMatch and MPL, whose last 4 steps finetune (its second step function, captured at the switch; the resumed
+  run crosses it).
 Speed, at each script's defaults (WRN-28-2, B 64, its mu, bf16), --steps steps timed in intervals of --log-every
 (bench/throughput.py's measure_script: steps/s is the median interval after the first): eager, --cuda-graph, and
 --cuda-graph --compile-augment where the script has a strong view; GFLOP/step (FlopCounterMode, eager run) and MFU
@@ -66,7 +68,8 @@ import common  # noqa: E402
 SMALL = ["--depth", 10, "--width", 2, "--batch-size", 16, "--mu", 2, "--total-steps", 16, "--log-every", 1]
 SMALL += ["--eval-every", 16, "--save-every", 8]
 STRONG = {"uda.py", "fixmatch.py", "flexmatch.py", "dst.py", "mpl.py"}  # scripts with a strong_augment view
-RESUMED = ["supervised.py", "fixmatch.py"]
+RESUMED = ["supervised.py", "fixmatch.py", "mpl.py"]
+CHECK_FLAGS = {"mpl.py": ["--finetune-steps", 4]}  # steps 13-16 finetune: the second graph, a resume across it
 TARGETS = ["supervised.py", "uda.py", "flexmatch.py"]  # issue 15's speed targets (400 and 200 it/s)
 STEP_FUNCTIONS = ("train_step", "finetune_step")  # what --cuda-graph captures (mpl.py has two)
 VARIANTS = {  # speed runs: name -> (flags, scripts it applies to; None: every script)
@@ -157,6 +160,7 @@ def check(script, data_dir, root, tolerance, device="cuda", graph=("--cuda-graph
     """graph = eager for one script (and the resume check for RESUMED); a dict for the table. (device and graph
     let the machinery run on a CPU, eager against eager.)"""
     base = ["--dataset", "cifar10", "--data-dir", data_dir, "--num-labels", 40, "--device", device, *SMALL]
+    base += CHECK_FLAGS.get(script, [])
     out = {"script": script, "step_syncs": []}
     try:
         with syncs_in_step(out["step_syncs"]) if device == "cuda" else contextlib.nullcontext():

@@ -2,6 +2,7 @@
 against the runs' own metrics.jsonl and against hand computations."""
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -613,6 +614,29 @@ def test_gpu_check_compares_and_resumes_on_the_cpu(tmp_path):
     with mock.patch.object(gpu_check, "machine_lines", lambda device: ["- a CPU"]):
         text = gpu_check.report(mock.Mock(steps=60, log_every=20), [same, other], {}, None, "CPU", [])
     assert "| `supervised.py` | yes | yes |" in text and "| `pi_model.py` | FAILED |" in text
+
+
+def test_gpu_check_runs_mpls_finetuning_and_resumes_across_it(tmp_path, monkeypatch):
+    """mpl.py's check finetunes its last 4 of 16 steps (the second step function, captured at the switch) in each
+    of its runs, and its resume from step 8 crosses the switch; the runs themselves are stand-ins here (a real
+    check of MPL on the CPU, eager against eager, takes 33 s)."""
+    import gpu_check
+
+    calls = []
+    monkeypatch.setattr(gpu_check, "run_script", lambda script, args: calls.append([str(a) for a in args]))
+    equal = {"bitwise": True, "tensor_diff": 0.0, "worst": None, "row_diff": 0.0, "rng_equal": True}
+    monkeypatch.setattr(gpu_check, "compare", lambda a, b: equal)
+    monkeypatch.setattr(gpu_check, "snapshot_at_first_save", lambda *a: contextlib.nullcontext())
+    out = gpu_check.check("mpl.py", "data", tmp_path, 1e-2, device="cpu", graph=())
+    assert out["ok"] and out["resume"] == equal
+    new_runs, resumed = calls[:-1], calls[-1]
+    assert len(new_runs) == 3 and all(a[a.index("--finetune-steps") + 1] == "4" for a in new_runs)
+    assert all(a[a.index("--total-steps") + 1] == "16" and a[a.index("--save-every") + 1] == "8" for a in new_runs)
+    assert resumed[0] == "--resume"
+    other = []
+    monkeypatch.setattr(gpu_check, "run_script", lambda script, args: other.append([str(a) for a in args]))
+    gpu_check.check("uda.py", "data", tmp_path, 1e-2, device="cpu", graph=())
+    assert len(other) == 2 and not any("--finetune-steps" in a for a in other)  # no resume, no finetuning flag
 
 
 def test_gpu_check_profiles_a_step_and_compares_each_augment_op_on_the_cpu(tmp_path):
