@@ -83,7 +83,7 @@ def test_a_rows_accuracy_is_over_the_samples_it_counts(data_dir, tmp_path):
     steps = [r for r in rows(tmp_path / "each") if "train/mask_ratio" in r]
     kept = [round(r["train/mask_ratio"] * 8 * 7) for r in steps]  # of mu B = 56 (fake data: every label known)
     right = [r.get("train/pseudo_acc", 0) * k for r, k in zip(steps, kept)]
-    assert len(steps) == 4 and len(set(kept)) > 1 and sum(kept) > 0  # unequal counts: the two means differ
+    assert len(steps) == 4 and len(set(kept)) > 1 and sum(kept) > 0, f"kept {kept}: pick a --threshold that splits"
     assert all(("train/pseudo_acc" in r) == (k > 0) for r, k in zip(steps, kept))  # none kept: no accuracy, not 0
     row = next(r for r in rows(tmp_path / "row") if "train/mask_ratio" in r)
     assert row["train/mask_ratio"] == pytest.approx(sum(kept) / (4 * 56), rel=1e-6)
