@@ -775,6 +775,7 @@ if __name__ == "__main__":
             teacher_scheduler.step()
         phase_end = step == mpl_steps < args.total_steps  # the MPL phase's result, before finetuning
         if (step % args.eval_every == 0 or step == args.total_steps or phase_end) and rank == 0:  # DISTRIBUTED
+            t_eval = time.perf_counter()
             # the teacher as both models: evaluate() puts its second model back in train mode
             acc_teacher = evaluate(teacher, teacher, data.x_test, data.y_test, info, autocast)[0]
             row = {"step": step, "eval/acc_teacher": acc_teacher}
@@ -782,6 +783,7 @@ if __name__ == "__main__":
                 row["eval/acc_mpl_phase"] = evaluate(ema_model, model, data.x_test, data.y_test, info, autocast)[0]
                 print(f"step {step:>7} | end of the MPL phase: eval acc {row['eval/acc_mpl_phase']:.2f}", flush=True)
             log(row)
+            t_last += time.perf_counter() - t_eval  # it/s leaves out evaluation (the template's rule)
 
         # TRY NOT TO MODIFY: log (at every save too: a checkpoint holds no metric sums), evaluate, checkpoint
         save = step % args.save_every == 0 or step == args.total_steps

@@ -4,7 +4,9 @@ confidence gate at a tie, the gradient paths of the two losses, the finetuning p
 and resume inside / across it."""
 
 import copy
+import json
 import math
+import time
 from unittest import mock
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from scriptrun import TINY, checkpoint, flat, rows, run, run_inprocess, run_keeping_step, run_killed, same
 
+import common
 import mpl
 
 SMOOTHING, TEMPERATURE, THRESHOLD = 0.15, 0.7, 0.2  # the script's defaults, and a threshold some samples pass at init
@@ -411,6 +414,26 @@ def test_kill_and_resume_with_finetuning(mpl_steps, finetune, data_dir, tmp_path
     console = [line for line in out.splitlines() if " finetune " in line]  # the rows of the finetuning steps
     assert len(console) == len(finetune_rows) and all("| lr 3e-05 |" in line for line in console), out
     assert all(r["losses/total"] == r["losses/finetune"] for r in finetune_rows)
+
+
+def test_it_per_sec_leaves_out_the_teachers_evaluation(data_dir, tmp_path, monkeypatch):
+    """The teacher is evaluated before the template's log row: its time is taken out of the row's interval, as the
+    template takes out its own evaluation. A clock that jumps 100 s whenever the 40 test images are normalised makes
+    an evaluation counted in the interval read as under 0.05 it/s (the old code: rows 4 and 6)."""
+    clock, normalize, jumped = time.perf_counter, common.normalize, [0.0]
+
+    def normalize_jumping(x, info):
+        jumped[0] += 100 if len(x) == 40 else 0  # the fake test set: an evaluation "takes" 100 s
+        return normalize(x, info)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock() + jumped[0])
+    monkeypatch.setattr(common, "normalize", normalize_jumping)
+    flags = ["--total-steps", 6, "--log-every", 2, "--eval-every", 4, "--save-every", 6]
+    run_inprocess("mpl.py", *TINY, "--data-dir", data_dir, *flags, "--run-dir", tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if "losses/total" in r]  # with the wall-clock fields rows() leaves out
+    assert [r["step"] for r in train] == [2, 4, 6] and jumped[0] >= 400  # 2 evaluations of teacher and of the EMA
+    assert all(r["train/it_per_sec"] > 0.1 for r in train), train
 
 
 def test_the_edges_of_mpls_flags_are_valid():
