@@ -343,7 +343,8 @@ def evaluate(ema_model, model, x_test, y_test, info, autocast, batch_size=1024):
         x, y = common.normalize(x_test[i : i + batch_size], info), y_test[i : i + batch_size]
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
-            logits, logits_raw = (m(x).float() for m in (ema_model, model))
+            logits = ema_model(x).float()
+            logits_raw = logits if model is ema_model else model(x).float()  # one model given twice runs once
         loss = F.cross_entropy(logits, y, reduction="sum")
         sums += torch.stack([(logits.argmax(1) == y).sum(), loss, (logits_raw.argmax(1) == y).sum()])
     model.train()
@@ -725,7 +726,7 @@ if __name__ == "__main__":
             torch._foreach_zero_(list(running.values()))  # CUDA GRAPH: in place, the graph adds into these tensors
             if rank == 0:  # DISTRIBUTED
                 log({"step": step, **means, "train/lr": lr, "train/it_per_sec": its})
-            text = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in means.items())
+            text = " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in means.items())  # .4g: a value near 0 shows
             eta = hms((args.total_steps - step) / its)
             print(f"step {step:>7}/{args.total_steps} | {text} | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
         if (step % args.eval_every == 0 or step == args.total_steps) and rank == 0:  # DISTRIBUTED: rank 0 alone

@@ -4,6 +4,7 @@ the same order. So `diff supervised.py <method>.py` shows the method and nothing
 
 import ast
 import difflib
+import re
 
 import pytest
 from scriptrun import ROOT, TINY, rows, run
@@ -88,3 +89,17 @@ def test_a_rows_accuracy_is_over_the_samples_it_counts(data_dir, tmp_path):
     row = next(r for r in rows(tmp_path / "row") if "train/mask_ratio" in r)
     assert row["train/mask_ratio"] == pytest.approx(sum(kept) / (4 * 56), rel=1e-6)
     assert row["train/pseudo_acc"] == pytest.approx(sum(right) / sum(kept), rel=1e-5)
+
+
+def test_the_console_shows_a_rows_values_to_four_significant_digits(data_dir, tmp_path):
+    """Each train value on the console is its logged value to 4 significant digits (.4g), a value near 0 too: MPL's
+    teacher lr in its warm-up, 1e-5 to 3e-5 here, which .4f printed as 0.0000 (the line's lr was .4g already)."""
+    proc = run("mpl.py", *TINY, "--data-dir", data_dir, "--total-steps", 3, "--log-every", 1, "--run-dir", tmp_path)
+    logged = [r for r in rows(tmp_path) if "train/lr" in r]
+    printed = [line.split(" | ")[1].split() for line in proc.stdout.splitlines() if re.match(r"step +\d+/3 \|", line)]
+    assert len(logged) == len(printed) == 3 and 0 < logged[0]["train/lr_teacher"] < 5e-5
+    for row, words in zip(logged, printed, strict=True):
+        shown = dict(zip(words[::2], map(float, words[1::2]), strict=True))
+        assert shown == pytest.approx(
+            {k.split("/")[1]: v for k, v in row.items() if k not in ("step", "train/lr")}, rel=5e-4
+        )
