@@ -158,6 +158,16 @@ def fail(message):
     leave(2)
 
 
+def memory_shortfall(e):
+    """None unless e is the device's or the host's memory running out; then how much more it asked for, as
+    " (it asked for 2.00 GiB more)" (CUDA's "Tried to allocate 2.00 GiB", the CPU's), or "" where the error says not."""
+    memory = re.search("out of memory|can't allocate memory", str(e))  # a CUDA library's error, the CPU allocator's
+    if not (memory or isinstance(e, (torch.OutOfMemoryError, MemoryError))):
+        return None
+    asked = re.search(r"ried to allocate ([\d.]+ \w+)", str(e))
+    return f" (it asked for {asked[1]} more)" if asked else ""
+
+
 def checked(kind, ok, rule):
     """An argparse type: kind(text) if ok(value), else one line saying the rule."""
 
@@ -401,6 +411,8 @@ def load_checkpoint(run_dir, args, world, device):
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=device, weights_only=True)  # never runs code from the file
     except Exception as e:
+        if (why := memory_shortfall(e)) is not None:  # no fault of the file: memory another process holds, say
+            fail(f"--resume {run_dir}: out of memory on {device} reading checkpoint.pt{why}: free memory and run again")
         fail(f"--resume {run_dir}: checkpoint.pt cannot be read ({type(e).__name__}): damaged or not a checkpoint")
     if not isinstance(ckpt, dict) or "step" not in ckpt:
         fail(f"--resume {run_dir}: checkpoint.pt is not a checkpoint of these scripts")
@@ -531,12 +543,9 @@ if __name__ == "__main__":
         leave(130)
 
     def out_of_memory(kind, e, traceback):  # an error no code caught: the device's or the host's memory, one line
-        memory = re.search("out of memory|can't allocate memory", str(e))  # a CUDA library's error, the CPU allocator's
-        if not (memory or isinstance(e, (torch.OutOfMemoryError, MemoryError))):
+        if (why := memory_shortfall(e)) is None:
             return sys.__excepthook__(kind, e, traceback)  # any other error: its traceback
         at, how = where_it_stands()
-        asked = re.search(r"ried to allocate ([\d.]+ \w+)", str(e))  # CUDA's "Tried to allocate 2.00 GiB", the CPU's
-        why = f" (it asked for {asked[1]} more)" if asked else ""
         fail(f"out of memory on {device} at step {at}{why}: a smaller --batch-size or --mu needs less; {how}")
 
     signal.signal(signal.SIGINT, interrupted)

@@ -243,6 +243,32 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(case, runs, capsys, tmp_pat
     assert files(run_dir) == before
 
 
+@pytest.mark.parametrize("error", ["cuda", "host"])
+def test_memory_running_out_while_reading_a_checkpoint_is_not_called_damage(error, runs, capsys, monkeypatch, tmp_path):
+    """torch.load running out of memory (CUDA's OutOfMemoryError, raised here on the CPU; Python's MemoryError, with no
+    size) says so in one line and leaves the run as it is. It read "damaged or not a checkpoint", which reads as: delete
+    the run, whose checkpoint is whole."""
+    run_dir, real = copy(runs, "supervised.py", tmp_path), torch.load
+    raised = {
+        "cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ..."),
+        "host": MemoryError(),
+    }[error]
+
+    def runs_out(path, *args, **kwargs):
+        if Path(path).name == "checkpoint.pt":
+            raise raised
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", runs_out)
+    before = files(run_dir)
+    asked = " (it asked for 2.00 GiB more)" if error == "cuda" else ""
+    assert refused(capsys, "supervised.py", "--resume", run_dir, "--total-steps", 20) == (
+        f"supervised.py: error: --resume {run_dir}: out of memory on cpu reading checkpoint.pt{asked}: free memory "
+        "and run again"
+    )
+    assert files(run_dir) == before
+
+
 # A run's other files, damaged by hand or by a tool: (file, its new bytes, what the one line says).
 SPLIT, ROW = "its labeled_indices.json is damaged: delete it", "a line of its metrics.jsonl is not a metrics row"
 DAMAGED_FILES = {
