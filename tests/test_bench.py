@@ -351,6 +351,7 @@ def test_convergence_runs_the_ablations_only_when_named():
         "pi_model_w10": ("pi_model.py", ["--unsup-weight", "10"]),  # the default of the README's earlier Pi rows
         "pi_model_stop_grad_w20": ("pi_model.py", ["--stop-grad", "--unsup-weight", "20"]),
         "temporal_ensembling_w10": ("temporal_ensembling.py", ["--unsup-weight", "10"]),
+        "pi_model_stop_grad_w100": ("pi_model.py", ["--stop-grad"]),  # the paper's weight, its default
     }
     assert convergence.parse_args(["--device", "cpu"])["names"] == [n for n in convergence.RUNS if n not in ablations]
     cfg = convergence.parse_args(["--device", "cpu", "--scripts", *ablations])
