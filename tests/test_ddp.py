@@ -5,8 +5,8 @@
 - two processes with per-rank batch B/2 train supervised.py exactly as one process with batch B;
 - FlexMatch's marks and Temporal Ensembling's buffer stay identical on both ranks and hold both
   ranks' updates;
-- a 2-process run killed at its first checkpoint and resumed under torchrun ends as the
-  uninterrupted 2-process run, bit for bit;
+- a 2-process run killed at its first checkpoint (every process, or rank 1 alone) and resumed under torchrun
+  ends as the uninterrupted 2-process run, bit for bit;
 - a resume whose checkpoint does not load (checked after the DDP wrap) is one line and exit 2 on each rank;
 - so is a run dir that another process holds (rank 0 alone holds it);
 - a full disk on rank 0 in mid-run is its one line and exit 2, and torchrun --resume then loses nothing;
@@ -320,11 +320,23 @@ def descendants(pid):
     return found
 
 
-def test_two_process_kill_and_resume_is_exact(data_dir, tmp_path):
+def rank_1(pid):
+    """The process of rank 1 among pid's descendants (torchrun's workers), from its environment."""
+    for child in descendants(pid):
+        with contextlib.suppress(OSError):
+            if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{child}/environ").read_bytes():
+                return child
+    raise AssertionError("no worker of rank 1")
+
+
+@pytest.mark.parametrize("victims", ["every process", "rank 1"])
+def test_two_process_kill_and_resume_is_exact(victims, data_dir, tmp_path):
     """Temporal Ensembling (method state, sharded rows, per-rank RNG streams): a 2-process run killed with
-    SIGKILL (workers and torchrun) as soon as its first checkpoint exists, then resumed with --resume
-    RUN_DIR under torchrun, ends with the same checkpoint (every tensor, both ranks' RNG states and
-    metric sums) and the same rows as the uninterrupted 2-process run of the same --total-steps."""
+    SIGKILL (workers and torchrun, or the worker of rank 1 alone) as soon as its first checkpoint exists, then
+    resumed with --resume RUN_DIR under torchrun, ends with the same checkpoint (every tensor, both ranks' RNG
+    states and metric sums) and the same rows as the uninterrupted 2-process run of the same --total-steps. With
+    rank 1 gone, rank 0 fails in its next all-reduce (gloo: "Connection reset by peer") and torchrun ends the run,
+    exit 1: nothing waits for a peer that will not come back."""
     script = "temporal_ensembling.py"
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = [*TINY, "--data-dir", data_dir, "--total-steps", 40]
@@ -338,18 +350,20 @@ def test_two_process_kill_and_resume_is_exact(data_dir, tmp_path):
     )
     while not (killed / "checkpoint.pt").exists() and proc.poll() is None:
         time.sleep(0.002)
-    for pid in [*descendants(proc.pid), proc.pid]:
+    for pid in [*descendants(proc.pid), proc.pid] if victims == "every process" else [rank_1(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    proc.wait()
+    assert proc.wait(timeout=120) != 0
     assert checkpoint(killed)["step"] < 40, "the run ended before it could be killed: the test proves nothing"
     torchrun(script, "--resume", killed)
     a, b = (flat({k: v for k, v in checkpoint(d).items() if k != "args"}) for d in (straight, killed))
     assert a.keys() == b.keys() and len(checkpoint(killed)["rng_cpu"]) == 2
     assert [k for k in a if not same(a[k], b[k])] == []
     assert rows(straight) == rows(killed)
+    if victims == "rank 1":
+        return
     # the checkpoint holds two ranks' state: a single process refuses it, in one line, writing nothing
     before = (killed / "metrics.jsonl").read_text()
     single = run(script, "--resume", killed, "--total-steps", 50, check=False)
