@@ -880,3 +880,24 @@ def test_subset_refuses_a_negative_seed_and_an_output_it_cannot_write_in_one_lin
         err = capsys.readouterr().err
         assert e.value.code == 2 and ": error: " in err and said in err and err.count("\n") == 1
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def dangling_results(text):
+    """The bench/results/<name> that a text cites and bench/results lacks (as <name> or <name>.md); a family cited
+    with a wildcard or a placeholder (ema_bn_fashion_*, convergence_<...>) is left out."""
+    cited = re.findall(r"bench/results/([\w.-]*\w)([*<]?)", text)
+    return [
+        n
+        for n, family in cited
+        if not family and not any((ROOT / "bench/results" / (n + e)).exists() for e in ("", ".md"))
+    ]
+
+
+def test_every_result_the_readme_and_docs_cite_is_in_bench_results():
+    """A result renamed or dropped leaves no citation of it behind (a number in the README says where it came from)."""
+    assert dangling_results("`bench/results/no_such_table.md`, bench/results/pi_model_gradient.md.") == [
+        "no_such_table.md"
+    ]
+    assert dangling_results("bench/results/ema_bn_fashion_*.md, bench/results/convergence_<dataset>") == []
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert {d.name: dangling_results(d.read_text()) for d in docs} == {d.name: [] for d in docs}
