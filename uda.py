@@ -39,6 +39,7 @@ import os
 import re
 import shlex
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -553,13 +554,14 @@ if __name__ == "__main__":
         text = f"eval acc {acc:.2f} (raw model {acc_raw:.2f}) | loss {loss_eval:.4f}"
         print(f"{METHOD} | {run_dir} | step {start_step} | {text}")
         leave(0)
-    metrics, writer = run_dir / "metrics.jsonl", None
+    metrics, writer, last_acc = run_dir / "metrics.jsonl", None, []  # last_acc: eval/acc of the last 20 evaluations
     refused = [hold_run_dir(run_dir, args.resume) if rank == 0 else ""]
     if rank == 0 and not refused[0]:
         try:  # rows logged after the checkpoint go, and so does a row a kill cut short (it does not end in "}")
             lines = metrics.read_text().splitlines() if metrics.exists() else []
-            kept = "".join(f"{r}\n" for r in lines if r.endswith("}") and json.loads(r)["step"] <= start_step)
-        except (ValueError, KeyError, TypeError):  # not text, not JSON, no number under "step": not a row of ours
+            kept = [r for r in lines if r.endswith("}") and json.loads(r)["step"] <= start_step]
+            last_acc = [float(row["eval/acc"]) for row in map(json.loads, kept) if "eval/acc" in row][-20:]
+        except (ValueError, KeyError, TypeError):  # not text, not JSON, no number under "step" (or "eval/acc")
             refused[0] = f"--resume {run_dir}: a line of its {metrics.name} is not a metrics row: mend or delete it"
     if world > 1:  # DISTRIBUTED: rank 0 alone holds the run dir and reads it; when it cannot, every rank says so
         dist.broadcast_object_list(refused)
@@ -567,7 +569,7 @@ if __name__ == "__main__":
         fail(refused[0])
     if rank == 0:  # DISTRIBUTED: rank 0 alone writes
         args_json, split_json = json.dumps(vars(args), indent=2), json.dumps(data.labeled_idx.tolist())
-        write_whole({run_dir / "args.json": args_json, split: split_json, metrics: kept})
+        write_whole({run_dir / "args.json": args_json, split: split_json, metrics: "".join(f"{r}\n" for r in kept)})
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -659,9 +661,9 @@ if __name__ == "__main__":
             print(f"step {step:>7}/{args.total_steps} | {text} | lr {lr:.4g} | {its:.1f} it/s | eta {eta}", flush=True)
         if (step % args.eval_every == 0 or step == args.total_steps) and rank == 0:  # DISTRIBUTED: rank 0 alone
             acc, loss_eval, acc_raw = evaluate(ema_model, model, data.x_test, data.y_test, info, autocast)
-            best_acc = max(best_acc, acc)
+            best_acc, last_acc = max(best_acc, acc), [*last_acc, acc][-20:]
             row = {"step": step, "eval/acc": acc, "eval/loss": loss_eval, "eval/acc_raw": acc_raw}
-            log({**row, "eval/best_acc": best_acc})
+            log({**row, "eval/best_acc": best_acc, "eval/median_acc": statistics.median(last_acc)})
             text = f"eval acc {acc:.2f} (best {best_acc:.2f}, raw model {acc_raw:.2f})"
             print(f"step {step:>7} | {text} | loss {loss_eval:.4f}", flush=True)
         if save:
@@ -681,8 +683,9 @@ if __name__ == "__main__":
     if writer:
         writer.close()
     if rank == 0:
-        elapsed = hms(time.perf_counter() - t_start)
-        print(f"done: step {step} | eval acc {acc:.2f} (best {best_acc:.2f}) | {elapsed} | {run_dir}", flush=True)
+        elapsed, median = hms(time.perf_counter() - t_start), statistics.median(last_acc)
+        text = f"eval acc {acc:.2f} (best {best_acc:.2f}, median of the last {len(last_acc)} {median:.2f})"
+        print(f"done: step {step} | {text} | {elapsed} | {run_dir}", flush=True)
     if world > 1:  # DISTRIBUTED: every rank done (rank 0 may still be saving) before the group goes
         dist.barrier()
         del train_model  # DDP holds the group: gone, its threads end now, not in interpreter teardown

@@ -279,6 +279,7 @@ DAMAGED_FILES = {
     "row not JSON": ("metrics.jsonl", b'{"step": 1, "losses/sup": }\n', ROW),
     "row without a step": ("metrics.jsonl", b'{"losses/sup": 2.3}\n', ROW),
     "a step not a number": ("metrics.jsonl", b'{"step": "1"}\n', ROW),
+    "an accuracy not a number": ("metrics.jsonl", b'{"step": 1, "eval/acc": "high"}\n', ROW),
     "rows not text": ("metrics.jsonl", b'{"step": 1}\n\xff}\n', ROW),
 }
 

@@ -2,15 +2,29 @@
 runs it (a subprocess), or in this process where a test looks inside the run or where the interpreter's start would
 be most of the test's time."""
 
+import builtins
 import functools
 import importlib
 import json
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from fakedata import make_fake_dataset, write_mnist_idx
-from scriptrun import TINY, checkpoint, flat, refused, rows, run, run_inprocess, run_killed, same, same_run
+from scriptrun import (
+    TINY,
+    checkpoint,
+    flat,
+    full_disk_open,
+    refused,
+    rows,
+    run,
+    run_inprocess,
+    run_killed,
+    same,
+    same_run,
+)
 from scripts import SCRIPTS
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -58,6 +72,42 @@ def test_kill_and_resume_is_exact(script, data_dir, tmp_path, straight_run):
     assert a.keys() == b.keys()
     assert [k for k in a if not same(a[k], b[k])] == []
     assert rows(straight) == rows(killed)
+
+
+def test_evaluations_log_the_median_of_the_last_20_and_a_resume_keeps_them(capsys, monkeypatch, tmp_path):
+    """eval/median_acc: the median eval/acc of the last 20 evaluations (this one included), FixMatch's reported figure
+    (np.median over the last 20, as its code computes it), and the run's last line says it. A run that stops with its
+    checkpoint at step 15 (the disk fills at step 16's row) and resumes logs the rows of a run never stopped: the
+    evaluations before the checkpoint come back from metrics.jsonl. The template's lines: supervised.py stands for
+    every script (test_template)."""
+    # data a few steps can learn (the fake data's labels are random: its accuracy stays at chance), so that the
+    # accuracy moves: each class lights its own 7 x 7 block of the image
+    t = make_fake_dataset("fashion_mnist", tmp_path / "data", n_train=200, n_test=40)
+    for x, y in ((t["train_x"], t["train_y"]), (t["test_x"], t["test_y"])):
+        x //= 4
+        for i, c in enumerate(y):
+            x[i, 0, c // 4 * 7 : c // 4 * 7 + 7, c % 4 * 7 : c % 4 * 7 + 7] = 255
+    write_mnist_idx(tmp_path / "data", "FashionMNIST", t["train_x"], t["train_y"], t["test_x"], t["test_y"])
+    flags = (*TINY, "--data-dir", tmp_path / "data", "--total-steps", 30, "--eval-every", 1, "--save-every", 15)
+    flags = (*flags, "--log-every", 1000, "--ema-decay", 0)  # rows: an eval row a step, a training row at the saves
+    run_inprocess("supervised.py", *flags, "--run-dir", tmp_path / "straight")
+    last = capsys.readouterr().out.splitlines()[-1]
+    evals = [r for r in rows(tmp_path / "straight") if "eval/acc" in r]
+    acc = [r["eval/acc"] for r in evals]
+    assert [r["step"] for r in evals] == list(range(1, 31))
+    assert [r["eval/median_acc"] for r in evals] == [float(np.median(acc[max(0, i - 19) : i + 1])) for i in range(30)]
+    assert f"(best {max(acc):.2f}, median of the last 20 {np.median(acc[-20:]):.2f}) |" in last
+    # the figures tell the windows apart: a median over every evaluation so far, or over those since a resume at
+    # step 15, differs at some step
+    assert any(r["eval/median_acc"] != np.median(acc[: i + 1]) for i, r in enumerate(evals))
+    assert any(r["eval/median_acc"] != np.median(acc[15 : i + 1]) for i, r in enumerate(evals) if i >= 15)
+
+    monkeypatch.setattr(builtins, "open", full_disk_open(17))  # 14 eval rows, step 15's training and eval rows
+    refused(capsys, "supervised.py", *flags, "--run-dir", tmp_path / "stopped")
+    monkeypatch.undo()
+    assert checkpoint(tmp_path / "stopped")["step"] == 15
+    run_inprocess("supervised.py", "--resume", tmp_path / "stopped")
+    assert rows(tmp_path / "stopped") == rows(tmp_path / "straight")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
