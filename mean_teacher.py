@@ -232,10 +232,22 @@ def parse_args(argv=None):
 @torch.no_grad()
 def ema_update(ema_model, model, weight):
     """ema += weight (model - ema) for the parameters, weight = 1 - decay a device tensor; the BatchNorm statistics
-    copied."""
+    copied. Foreach calls that CUDA runs as a few fused kernels each: _foreach_lerp_ would take the tensor weight only
+    in a list of weights, and go tensor by tensor (one kernel per parameter)."""
     ema = list(ema_model.parameters())
-    torch._foreach_lerp_(ema, list(model.parameters()), [weight] * len(ema))
-    torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
+    delta = torch._foreach_sub(list(model.parameters()), ema)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(ema, delta)
+    copy_buffers(list(ema_model.buffers()), list(model.buffers()))
+
+
+@torch.no_grad()
+def copy_buffers(dst, src):
+    """dst[i].copy_(src[i]) for two lists of tensors, one _foreach_copy_ per dtype: CUDA copies a list that mixes
+    dtypes (BatchNorm's float statistics and int64 batch counts) tensor by tensor."""
+    for dtype in dict.fromkeys(s.dtype for s in src):
+        pick = [i for i, s in enumerate(src) if s.dtype == dtype]
+        torch._foreach_copy_([dst[i] for i in pick], [src[i] for i in pick])
 
 
 def cuda_graph(step_fn, warmup=3):
@@ -597,7 +609,7 @@ if __name__ == "__main__":
             logits = train_model(prep(common.weak_augment(torch.cat([x_l, x_u]), flip=info.flip))).float()
             with torch.no_grad():  # the target: no gradient into the teacher; train mode: its own batch statistics
                 logits_u_teacher = ema_model.train()(prep(common.weak_augment(x_u, flip=info.flip))).float()
-        torch._foreach_copy_(teacher_stats, list(ema_model.buffers()))  # the running statistics it just updated
+        copy_buffers(teacher_stats, list(ema_model.buffers()))  # the running statistics it just updated
         logits_l, logits_u = logits.split([len(x_l), len(x_u)])
         loss_x = F.cross_entropy(logits_l, y_l)  # supervised term
         loss_u = F.mse_loss(logits_u.softmax(1), logits_u_teacher.softmax(1))  # paper Eq. (1)
@@ -615,7 +627,7 @@ if __name__ == "__main__":
         torch._foreach_add_([running[k] for k in stats], [v.detach().float() for v in stats.values()])
 
         # ALGO LOGIC: ema_update was paper Eq. (2); it copied the student's BatchNorm statistics: the teacher's go back
-        torch._foreach_copy_(list(ema_model.buffers()), teacher_stats)
+        copy_buffers(list(ema_model.buffers()), teacher_stats)
 
     # TRY NOT TO MODIFY: the loop: this step's numbers, the step (eager, or replayed from its CUDA graph), the schedules
     train_step = cuda_graph(train_step) if args.cuda_graph else train_step  # CUDA GRAPH

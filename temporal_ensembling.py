@@ -252,10 +252,22 @@ def parse_args(argv=None):
 @torch.no_grad()
 def ema_update(ema_model, model, weight):
     """ema += weight (model - ema) for the parameters, weight = 1 - decay a device tensor; the BatchNorm statistics
-    copied."""
+    copied. Foreach calls that CUDA runs as a few fused kernels each: _foreach_lerp_ would take the tensor weight only
+    in a list of weights, and go tensor by tensor (one kernel per parameter)."""
     ema = list(ema_model.parameters())
-    torch._foreach_lerp_(ema, list(model.parameters()), [weight] * len(ema))
-    torch._foreach_copy_(list(ema_model.buffers()), list(model.buffers()))
+    delta = torch._foreach_sub(list(model.parameters()), ema)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(ema, delta)
+    copy_buffers(list(ema_model.buffers()), list(model.buffers()))
+
+
+@torch.no_grad()
+def copy_buffers(dst, src):
+    """dst[i].copy_(src[i]) for two lists of tensors, one _foreach_copy_ per dtype: CUDA copies a list that mixes
+    dtypes (BatchNorm's float statistics and int64 batch counts) tensor by tensor."""
+    for dtype in dict.fromkeys(s.dtype for s in src):
+        pick = [i for i, s in enumerate(src) if s.dtype == dtype]
+        torch._foreach_copy_([dst[i] for i in pick], [src[i] for i in pick])
 
 
 def cuda_graph(step_fn, warmup=3):

@@ -155,11 +155,36 @@ def cpu_only_read(func, args, kwargs):
     return func is F.one_hot and (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) >= 0
 
 
+def per_tensor_foreach(args):
+    """Why CUDA would run a torch._foreach_* call with these arguments one kernel per tensor ("" if it would not):
+    its fused path (ATen's can_use_fast_route in ForeachUtils.h, and the check of the ops that take a tensor scalar)
+    wants every tensor of its lists on one device with one dtype, the i-th tensors of its lists of one shape and
+    strides (but in dims of size 1, pytorch#134546), each dense, and a tensor scalar of 0 dims on that device with that
+    dtype."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in a)]
+    tensors, scalars = [t for a in lists for t in a], [a for a in args if isinstance(a, torch.Tensor)]
+    layout = lambda t: (t.shape, [s for s, n in zip(t.stride(), t.shape) if n != 1])
+    if len({(t.device, t.dtype) for t in tensors + scalars}) > 1:
+        return "dtypes or devices mixed"
+    if any(any(layout(t) != layout(column[0]) for t in column) for column in zip(*lists)):
+        return "shapes or strides differ"
+    if not all(t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
+        return "a tensor not dense"
+    return "a tensor scalar of more than 0 dims" if any(s.dim() for s in scalars) else ""
+
+
+def _running_line(stack):
+    """ "file:line" of the innermost frame outside torch (and this file) in a traceback.extract_stack() list."""
+    line = [f for f in stack if not f.filename.startswith(TORCH_DIR) and f.filename != __file__][-1]
+    return f"{Path(line.filename).name}:{line.lineno}"
+
+
 class CaptureHazards(TorchFunctionMode):
     """While active, `found` collects "file:line op" for each aten op that would sync with the host on CUDA or bake
-    host data into a CUDA graph, with the innermost line outside torch (and this file) that ran it. Left out, as
-    reads the CPU alone makes: cpu_only_read's calls, and torch/optim/sgd.py's (on the CPU the foreach SGD reads its
-    tensor lr to the host; on CUDA the scripts take the fused SGD, whose kernel takes the tensor)."""
+    host data into a CUDA graph, with the innermost line outside torch (and this file) that ran it; and "file:line
+    op per tensor: why" for each foreach call that CUDA would run one kernel per tensor (per_tensor_foreach). Left
+    out, as the CPU alone makes them: cpu_only_read's calls, and torch/optim/sgd.py's (on the CPU the foreach SGD
+    reads its tensor lr to the host; on CUDA the scripts take the fused SGD, whose kernel takes the tensor)."""
 
     def __init__(self):
         super().__init__()
@@ -167,6 +192,10 @@ class CaptureHazards(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(func, "__name__", "").startswith("_foreach_") and (why := per_tensor_foreach(args)):
+            stack = traceback.extract_stack()[:-1]
+            if not any(f.filename.endswith(SGD_FILE) for f in stack):
+                self.found.append(f"{_running_line(stack)} {func.__name__} per tensor: {why}")
         exempt = cpu_only_read(func, args, kwargs)
         self.exempt += exempt
         try:
@@ -203,8 +232,7 @@ class _HazardOps(TorchDispatchMode):
         if hazard and not self.hazards.exempt:
             stack = traceback.extract_stack()[:-1]
             if not any(f.filename.endswith(SGD_FILE) for f in stack):
-                line = [f for f in stack if not f.filename.startswith(TORCH_DIR) and f.filename != __file__][-1]
-                self.hazards.found.append(f"{Path(line.filename).name}:{line.lineno} {op.__name__}")
+                self.hazards.found.append(f"{_running_line(stack)} {op.__name__}")
         return func(*args, **kwargs)
 
 

@@ -28,7 +28,8 @@ REPLAYED.append(("mpl.py", ("--finetune-steps", 4), ["train_step", "finetune_ste
 def test_replaying_the_step_with_frozen_python_values_changes_nothing(script, extra, steps, data_dir, tmp_path):
     """A replay emulated on the CPU (the step's Python globals frozen after 3 eager calls) equals the eager run:
     nothing the step reads from Python changes between steps. And the call a graph would capture runs no op that
-    syncs on CUDA (a read-back value or a value-dependent size) and builds no tensor from host data."""
+    syncs on CUDA (a read-back value or a value-dependent size), builds no tensor from host data, and makes no
+    foreach call that CUDA would run one kernel per tensor."""
     args = [*TINY, *STEPS, *extra, "--data-dir", data_dir]
     run_inprocess(script, *args, "--run-dir", tmp_path / "eager")
     g = run_frozen_replay(script, *args, "--run-dir", tmp_path / "replay")
@@ -54,18 +55,28 @@ def test_the_emulation_catches_a_step_that_reads_the_step_number(data_dir, tmp_p
 def test_the_emulation_catches_a_step_that_syncs(data_dir, tmp_path):
     """The hazard check above can fail: a boolean mask (nonzero on CUDA), a Python number read from a tensor, a
     tensor made from host data and a one_hot that reads its number of classes from the labels, put in supervised.py's
-    step, are each found at their line; a one_hot given its number of classes (no read on CUDA) is not."""
+    step, are each found at their line; a one_hot given its number of classes (no read on CUDA) is not. So are the
+    EMA's foreach calls as first written, which CUDA runs one kernel per tensor: _foreach_lerp_ with a list of 0-dim
+    weights beside the parameters, and _foreach_copy_ of the float and the int64 buffers in one list."""
     source = (ROOT / "supervised.py").read_text()
     call = "        ema_update(ema_model, model, ema_weight)\n"
     assert call in source
     hazards = "        _ = y_l[y_l > 0], float(y_l.sum()), torch.tensor([1.0]), F.one_hot(y_l), F.one_hot(y_l, 10)\n"
-    source = source.replace(call, hazards + call)
+    ema, params, buffers = "list(ema_model.parameters())", "list(model.parameters())", "list(model.buffers())"
+    lerp = f"        torch._foreach_lerp_({ema}, {params}, [ema_weight] * len({params}))\n"
+    copy = f"        torch._foreach_copy_(list(ema_model.buffers()), {buffers})\n"
+    source = source.replace(call, hazards + lerp + copy + call)
     line = source.splitlines().index(hazards.rstrip("\n")) + 1
     (tmp_path / "syncs.py").write_text(source)
     args = [*TINY, *STEPS, "--data-dir", data_dir, "--total-steps", 4]
     g = run_frozen_replay(tmp_path / "syncs.py", *args, "--run-dir", tmp_path / "replay")
     found = ["index", "_local_scalar_dense", "lift_fresh", "_local_scalar_dense", "_local_scalar_dense"]
-    assert g["captured"] == {"train_step": [f"syncs.py:{line} {op}" for op in found]}
+    found = [f"syncs.py:{line} {op}" for op in found]
+    found += [
+        f"syncs.py:{line + 1} _foreach_lerp_ per tensor: shapes or strides differ",
+        f"syncs.py:{line + 2} _foreach_copy_ per tensor: dtypes or devices mixed",
+    ]
+    assert g["captured"] == {"train_step": found}
 
 
 def step_functions(script):
@@ -120,8 +131,10 @@ def test_the_graph_ready_template_step_is_the_eager_recipe(data_dir, tmp_path):
         scheduler.step()
         with torch.no_grad():
             weight = 1 - min(0.999, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), weight)
-            torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+            for e, p in zip(ema.parameters(), model.parameters()):  # ema += weight (model - ema)
+                e += weight * (p - e)
+            for e, b in zip(ema.buffers(), model.buffers()):
+                e.copy_(b)
         sums = {k: sums.get(k, 0) + v for k, v in {"loss": loss.detach(), "n": 1}.items()}
         if step in train_rows:
             assert train_rows[step]["losses/sup"] == sums["loss"].item() / sums["n"]

@@ -227,14 +227,15 @@ def test_ema_decay_follows_the_recent_weights_early(script, data_dir, tmp_path):
     """The evaluated EMA's decay at step k is min(ema_decay, (1 + k) / (10 + k)) (TensorFlow's
     num_updates form): 0.18 at step 1, capped from step 8 on at --ema-decay 0.5. The plain average
     since init, 1 - 1/(k+1), and a constant decay both fail this."""
-    weights, lerp = [], torch._foreach_lerp_
+    weights, mul = [], torch._foreach_mul_
 
-    def spy(ema_params, params, weight):  # ema_update's one call per step: weight = 1 - decay, a device tensor
-        assert all(w is weight[0] for w in weight)
-        weights.append(weight[0].item())
-        return lerp(ema_params, params, weight)
+    def spy(tensors, other):  # ema_update's one call with a tensor per step: weight = 1 - decay, a 0-dim tensor
+        if isinstance(other, torch.Tensor):
+            assert other.dim() == 0
+            weights.append(other.item())
+        return mul(tensors, other)
 
-    with mock.patch.object(torch, "_foreach_lerp_", spy):
+    with mock.patch.object(torch, "_foreach_mul_", spy):
         run_inprocess(
             script, *TINY, "--data-dir", data_dir, "--total-steps", 10, "--ema-decay", 0.5, "--run-dir", tmp_path / "r"
         )
