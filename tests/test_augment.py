@@ -276,7 +276,8 @@ def test_the_no_sync_path_of_strong_augment_launches_at_most_400_ops(monkeypatch
     """On a GPU, without --compile-augment, each op costs its launch: about 29 us of host time in eager mode (the
     H100 smoke run), a kernel in a CUDA graph. Counted here on the CPU, with the GPU's colour path. 528 before each
     slot's matrix was built in one piece and its grey image computed once (the geometric ops 165, the colour ops
-    285); 377 since. A count that depends on the batch size would be a Python loop over images."""
+    285); 377 since, and 374 since _autocontrast divides in integers. A count that depends on the batch size would be
+    a Python loop over images."""
     monkeypatch.setattr(common, "_colour_op", _colour_op_no_sync)
     counts = []
     for n in (4, 64):
